@@ -1,0 +1,227 @@
+"""The ``tunewright`` command line (typer). Every command honours MLFLOW_TRACKING_URI and PREFECT_API_URL.
+
+    tunewright run CONFIG [--from STAGE] [--only STAGE] [--force STAGE]...
+    tunewright sanitize INPUT OUTPUT [--field text] [--bad-records fail|quarantine]
+    tunewright dedup INPUT OUTPUT [--field text] [--bad-records fail|quarantine]
+    tunewright compare RUN_ID RUN_ID...
+    tunewright deploy
+    tunewright stages
+
+Bad input (config, missing file, bad record) is reported as one line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tunewright: a scheduled, cached, tracked pipeline that turns a general LLM into a domain expert.")
+
+STAGE_HELP = {
+    "sanitize": "replace PII with typed placeholders ([EMAIL], [CN_ID]...), per-type counts",
+    "dedup": "drop exact and verified near-duplicates (MiniLM embeddings + FAISS), report every removal",
+    "curriculum": "order records easy -> hard by perplexity under the base model",
+    "dapt": "continued pretraining on the ordered domain corpus",
+    "sft": "supervised fine-tuning on instruction pairs (LoRA / QLoRA / full)",
+    "reward": "reward model (sequence classifier) on preference pairs",
+    "dpo": "direct preference optimisation against the SFT reference",
+    "ppo": "PPO against the reward model, KL-penalised to SFT",
+    "grpo": "GRPO with the reward model as reward function",
+    "evaluate": "perplexity, QA exact match / ROUGE-L, reward win rate and KL for every checkpoint",
+}
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: Path):
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _check_inputs(cfg) -> None:
+    """Validate every input file before any stage starts (missing file, bad record)."""
+    from pipelines.data import MissingInputError, resolve_data
+    from pipelines.records import BadInputError, iter_records
+
+    try:
+        files = resolve_data(cfg)
+        field = cfg.sanitize.field or cfg.data.text_field
+        if cfg.sanitize.bad_records == "fail":
+            for _ in iter_records(files["corpus"], field, "fail"):
+                pass
+    except (MissingInputError, BadInputError) as e:
+        fail(str(e))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline config YAML, e.g. pipelines/configs/demo.yaml")],
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Recompute this stage and all after it.")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Recompute this stage alone (upstream from cache).")] = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="Recompute this stage (repeatable).")] = None,
+) -> None:
+    """Run the pipeline; cached stages are reused. Ends with the evaluation table."""
+    from flows.finetune import GateError, SelectionError, finetune, plan
+
+    cfg = _load(config)
+    try:
+        plan(cfg, from_stage, only, list(force or []))
+    except SelectionError as e:
+        fail(str(e))
+    _check_inputs(cfg)
+    try:
+        out = finetune(cfg, from_stage, only, list(force or []))
+    except GateError as e:
+        fail(str(e), 1)
+    _print_report(out)
+
+
+def _print_report(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"stages (parent run {out['parent_run_id']})")
+    for col in ("stage", "cache", "seconds", "result"):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    for s, r in out["stages"].items():
+        t.add_row(s, r["cache"], f"{r['seconds']:.1f}", r["summary"])
+    console.print(t)
+    if out["evaluation"]:
+        from pipelines.evaluate import METRICS
+
+        cols = [m for m in METRICS if any(m in row for row in out["evaluation"].values())]
+        e = Table(title="evaluation (held-out)")
+        e.add_column("checkpoint")
+        for m in cols:
+            e.add_column(m, justify="right")
+        for name, row in out["evaluation"].items():
+            e.add_row(name, *[f"{row[m]:.3f}" if m in row else "–" for m in cols])
+        console.print(e)
+    console.print(f"total {out['seconds']:.1f}s")
+
+
+def _records_command(kind: str, input: Path, output: Path, field: str, bad_records: str) -> None:
+    from pipelines.records import BadInputError
+
+    try:
+        if kind == "sanitize":
+            from pipelines.config import SanitizeConfig
+            from pipelines.sanitize import sanitize_file
+
+            report = sanitize_file(input, output, SanitizeConfig(bad_records=bad_records), field)
+        else:
+            from pipelines.config import DedupConfig
+            from pipelines.dedup import dedup_file
+
+            report = dedup_file(input, output, DedupConfig(bad_records=bad_records), field)
+    except BadInputError as e:
+        fail(str(e))
+    import json
+
+    typer.echo(json.dumps(report, ensure_ascii=False, default=str))
+
+
+BadRecords = Annotated[str, typer.Option("--bad-records", help="fail | quarantine (to OUTPUT.rejected.jsonl)")]
+
+
+@app.command()
+def sanitize(input: Path, output: Path, field: str = "text", bad_records: BadRecords = "fail") -> None:
+    """Replace PII in INPUT's text field; write OUTPUT (JSONL, every other field kept)."""
+    if bad_records not in ("fail", "quarantine"):
+        fail(f"--bad-records {bad_records}: expected fail or quarantine")
+    _records_command("sanitize", input, output, field, bad_records)
+
+
+@app.command()
+def dedup(input: Path, output: Path, field: str = "text", bad_records: BadRecords = "fail") -> None:
+    """Drop exact and near-duplicate records of INPUT; write OUTPUT (JSONL) and a report beside it."""
+    if bad_records not in ("fail", "quarantine"):
+        fail(f"--bad-records {bad_records}: expected fail or quarantine")
+    _records_command("dedup", input, output, field, bad_records)
+
+
+@app.command()
+def compare(run_ids: Annotated[list[str], typer.Argument(help="Two or more MLflow parent run ids")]) -> None:
+    """Config differences and metric deltas of pipeline runs, side by side (deltas against the first)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines import tracking
+
+    if len(run_ids) < 2:
+        fail("compare needs at least two run ids")
+    c = tracking.client()
+    runs = []
+    for rid in run_ids:
+        try:
+            runs.append(c.get_run(rid))
+        except Exception:
+            fail(f"run {rid}: not found in {tracking.tracking_uri()}")
+    console = Console()
+    keys = sorted(set().union(*(r.data.params for r in runs)))
+    diff = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    t = Table(title="config differences")
+    t.add_column("key")
+    for r in runs:
+        t.add_column(r.info.run_name or r.info.run_id[:8])
+    for k in diff:
+        t.add_row(k, *[str(r.data.params.get(k, "–")) for r in runs])
+    console.print(t if diff else "config: identical")
+    mkeys = sorted(set().union(*(r.data.metrics for r in runs)))
+    m = Table(title="metrics (delta vs first)")
+    m.add_column("metric")
+    for i, r in enumerate(runs):
+        m.add_column(r.info.run_name or r.info.run_id[:8], justify="right")
+    for k in mkeys:
+        base = runs[0].data.metrics.get(k)
+        cells = []
+        for i, r in enumerate(runs):
+            v = r.data.metrics.get(k)
+            if v is None:
+                cells.append("–")
+            elif i == 0 or base is None:
+                cells.append(f"{v:.4g}")
+            else:
+                cells.append(f"{v:.4g} ({v - base:+.4g})")
+        m.add_row(k, *cells)
+    console.print(m)
+
+
+@app.command()
+def deploy() -> None:
+    """Register the deployments in deployments/prefect.yaml (finetune/nightly, finetune/adhoc) with Prefect."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+           str(root / "deployments" / "prefect.yaml")]
+    sys.exit(subprocess.call(cmd, cwd=root))
+
+
+@app.command()
+def stages() -> None:
+    """List the pipeline stages in order."""
+    for s, h in STAGE_HELP.items():
+        typer.echo(f"{s:<11} {h}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

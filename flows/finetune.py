@@ -1,0 +1,182 @@
+"""The ``finetune`` flow: stage order, ``--from/--only/--force``, the gates between stages, the run report.
+
+One MLflow parent run per flow run (tag ``tunewright.pipeline=<config name>``), one child run per stage (see
+``tasks/stages.py``). The flow's typed parameter is the validated :class:`PipelineConfig`;
+``finetune_from_file`` is the same flow for deployments, with the config path as a form field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from pipelines import tracking
+from pipelines.artifacts import ArtifactRef, sha256_path
+from pipelines.config import PREFERENCE_ALGORITHMS, PipelineConfig, load_config
+from pipelines.data import resolve_data
+from tasks.base import base_model_task
+from tasks.stages import STAGE_TASKS, StageResult
+
+
+class GateError(RuntimeError):
+    """A check between stages failed (e.g. the reward model is too weak to optimise against)."""
+
+
+class SelectionError(ValueError):
+    """--from/--only/--force named a stage this config does not run."""
+
+
+@dataclass
+class RunReport:
+    parent_run_id: str
+    pipeline: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluation: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluation_md: str = ""
+    seconds: float = 0.0
+
+
+def plan(cfg: PipelineConfig, from_stage: str | None, only: str | None, force: list[str]) -> dict[str, str]:
+    """For each active stage: 'run' (cache allowed), 'force' (recompute) or 'skip' (after --only's stage)."""
+    stages = cfg.active_stages()
+    for name, s in [("--from", from_stage), ("--only", only)] + [("--force", f) for f in force]:
+        if s is not None and s not in stages:
+            raise SelectionError(f"{name} {s}: not a stage of this pipeline ({', '.join(stages)})")
+    if from_stage and only:
+        raise SelectionError("--from and --only cannot be combined")
+    out = {}
+    for i, s in enumerate(stages):
+        if only:
+            out[s] = "force" if s == only else ("run" if i < stages.index(only) else "skip")
+        elif from_stage:
+            out[s] = "force" if i >= stages.index(from_stage) else "run"
+        else:
+            out[s] = "force" if s in force else "run"
+    return out
+
+
+def input_refs(files: dict[str, Any]) -> dict[str, ArtifactRef]:
+    """External input files as references (content-hashed, so an edited file invalidates its stages)."""
+    return {k: ArtifactRef(None, str(p), sha256_path(p), "input") for k, p in files.items()}
+
+
+def _parent_run(cfg: PipelineConfig) -> str:
+    c = tracking.client()
+    name = f"{cfg.name}-{flow_run.get_name() or time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {tracking.TAG_PIPELINE: cfg.name, "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "prefect.flow_run_name": str(flow_run.get_name() or "")}
+    run = tracking.with_retries(lambda: c.create_run(tracking.experiment_id(), run_name=name, tags=tags), "create run")
+    rid = run.info.run_id
+    for k, v in tracking.flatten(cfg.model_dump(mode="json", exclude={"base_dir"})).items():
+        c.log_param(rid, k, v)
+    c.log_text(rid, json.dumps(cfg.model_dump(mode="json"), indent=2), "config.json")
+    return rid
+
+
+def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None,
+                 force: list[str] | None = None) -> RunReport:
+    logger = get_run_logger()
+    t0 = time.time()
+    todo = plan(cfg, from_stage, only, list(force or []))
+    files = input_refs(resolve_data(cfg))
+    c = tracking.client()
+    parent = _parent_run(cfg)
+    report = RunReport(parent, cfg.name)
+    try:
+        results: dict[str, StageResult] = {}
+
+        def stage(name: str, inputs: dict[str, ArtifactRef]) -> ArtifactRef | None:
+            if todo[name] == "skip":
+                return None
+            res = STAGE_TASKS[name](cfg, inputs, parent, todo[name] == "force")
+            results[name] = res
+            report.stages[name] = {"run_id": res.run_id, "cache": "hit" if res.cache_hit else "miss",
+                                   "seconds": round(res.seconds, 1), "summary": res.summary.splitlines()[0] if res.summary else ""}
+            return res.ref
+
+        data = stage("sanitize", {"records": files["corpus"]})
+        data = stage("dedup", {"records": data})
+        base = base_model_task(cfg, data, files.get("general"), parent)
+        data = stage("curriculum", {"records": data, "model": base})
+        dapt = stage("dapt", {"records": data, "model": base})
+        sft = stage("sft", {"sft": files["sft"], "model": dapt}) if dapt else None
+        rm_base = {"sft": sft, "dapt": dapt, "model": base}[cfg.reward.base]
+        rm = stage("reward", {"preference": files["preference"], "eval_preference": files["eval_preference"],
+                              "model": rm_base}) if rm_base else None
+        alg = cfg.preference.algorithm
+        aligned = None
+        if sft and todo[alg] != "skip":
+            inputs = {"preference": files["preference"], "model": sft}
+            if alg in ("ppo", "grpo"):
+                _reward_gate(c, results.get("reward"), cfg.preference.min_reward_accuracy, alg)
+                inputs = {"prompts": files["prompts"], "model": sft, "reward": rm}
+            aligned = stage(alg, inputs)
+        if todo["evaluate"] != "skip" and aligned:
+            ev_inputs = {"base": base, "dapt": dapt, "sft": sft, alg: aligned, "reward": rm,
+                         **{k: files[k] for k in ("eval_text", "eval_qa", "eval_prompts") if k in files}}
+            ev = stage("evaluate", ev_inputs)
+            from tasks.stages import materialize
+
+            report.evaluation = json.loads(materialize(ev).read_text())
+            report.evaluation_md = results["evaluate"].summary
+        report.seconds = time.time() - t0
+        c.log_metric(parent, "pipeline_seconds", report.seconds)
+        c.log_text(parent, json.dumps(report.__dict__, indent=2, default=str), "run_report.json")
+        _publish(report)
+        tracking.with_retries(lambda: c.set_terminated(parent, "FINISHED"), "end run")
+    except BaseException as e:
+        tracking.with_retries(lambda: c.set_terminated(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"),
+                              "end run")
+        raise
+    logger.info("pipeline %s finished in %.1fs (parent run %s)", cfg.name, report.seconds, parent)
+    return report
+
+
+def _reward_gate(c, reward_result: StageResult | None, threshold: float, alg: str) -> None:
+    if reward_result is None:
+        raise GateError(f"{alg} needs a reward model, but the reward stage did not run")
+    acc = c.get_run(reward_result.run_id).data.metrics.get("pairwise_accuracy", float("nan"))
+    if not acc >= threshold:
+        raise GateError(f"gate: {alg} refuses to start: the reward model's held-out pairwise accuracy is {acc:.3f}, "
+                        f"below preference.min_reward_accuracy = {threshold:.3f}")
+
+
+def stage_table(report: RunReport) -> str:
+    lines = ["| stage | cache | seconds | result |", "|---|---|---:|---|"]
+    for s, r in report.stages.items():
+        lines.append(f"| {s} | {r['cache']} | {r['seconds']:.1f} | {r['summary']} |")
+    return "\n".join(lines)
+
+
+def _publish(report: RunReport) -> None:
+    md = (f"# tunewright run `{report.pipeline}`\n\nMLflow parent run `{report.parent_run_id}`"
+          f"{' ([open](' + tracking.run_url(report.parent_run_id) + '))' if tracking.run_url(report.parent_run_id) else ''}"
+          f"\n\n## Stages\n\n{stage_table(report)}\n\n## Evaluation\n\n{report.evaluation_md or '(not run)'}\n")
+    create_markdown_artifact(markdown=md, key=f"tunewright-{report.pipeline}".lower().replace("_", "-"),
+                             description="tunewright stage and evaluation tables")
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(config: PipelineConfig, from_stage: str | None = None, only: str | None = None,
+             force: list[str] | None = None) -> dict[str, Any]:
+    """Run the fine-tuning pipeline described by ``config`` (cached stages are reused)."""
+    report = run_pipeline(config, from_stage, only, force)
+    return {"parent_run_id": report.parent_run_id, "stages": report.stages, "evaluation": report.evaluation,
+            "seconds": report.seconds}
+
+
+@flow(name="finetune-from-file", log_prints=True)
+def finetune_from_file(config_path: str = "pipelines/configs/demo.yaml", from_stage: str | None = None,
+                       only: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
+    """Deployment entry point: the config path (relative to the project root), plus --from/--only/--force."""
+    return finetune(load_config(config_path), from_stage, only, force)
+
+
+__all__ = ["finetune", "finetune_from_file", "plan", "run_pipeline", "GateError", "SelectionError",
+           "PREFERENCE_ALGORITHMS"]

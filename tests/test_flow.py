@@ -1,0 +1,153 @@
+"""The real finetune flow under a real Prefect API and a temporary MLflow store, on the tiny demo slice.
+
+Asserts what a user checks: one parent run and one child run per stage, artifacts where the contract puts them,
+evaluation metrics on the parent, cache hits on a re-run, --only / config edits invalidating exactly the right
+stages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, copy_config
+
+STAGES = ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate"]
+
+
+def children(parent_run_id: str) -> dict[str, object]:
+    from pipelines import tracking
+
+    c = tracking.client()
+    runs = c.search_runs([tracking.experiment_id()], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def cfg_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("configs")
+
+
+@pytest.fixture(scope="module")
+def first(tw_home, prefect_api, cfg_dir):
+    from flows.finetune import finetune
+    from pipelines.config import load_config
+
+    cfg = load_config(copy_config(TINY, cfg_dir, "tiny"))
+    return cfg, finetune(cfg)
+
+
+def test_first_run_computes_every_stage(first):
+    from pipelines import tracking
+
+    cfg, out = first
+    assert list(out["stages"]) == STAGES
+    assert all(s["cache"] == "miss" for s in out["stages"].values())
+    c = tracking.client()
+    parent = c.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["tunewright.pipeline"] == "tiny"
+    kids = children(out["parent_run_id"])
+    assert sorted(kids) == sorted(STAGES)
+    for name, run in kids.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["tunewright.stage"] == name
+        assert run.data.tags["tunewright.cache"] == "miss"
+        assert len(run.data.tags["tunewright.fingerprint"]) == 32
+    # evaluation metrics on the parent, named <checkpoint>/<metric>
+    m = parent.data.metrics
+    for ck in ("base", "dapt", "sft", "dpo"):
+        for metric in ("domain_ppl", "qa_exact_match", "qa_rouge_l"):
+            assert f"{ck}/{metric}" in m, f"{ck}/{metric} missing"
+    assert 0.0 <= m["dpo/rm_win_rate_vs_sft"] <= 1.0
+    assert m["dpo/kl_to_sft"] == pytest.approx(m["dpo/kl_to_sft"])  # finite
+    assert 0.0 <= m["reward/pairwise_accuracy"] <= 1.0
+    assert m["dapt/domain_ppl"] < m["base/domain_ppl"], "even one tiny epoch of dapt lowers domain perplexity"
+    assert out["evaluation"]["sft"]["qa_exact_match"] == m["sft/qa_exact_match"]
+
+
+def test_artifacts_follow_the_contract(first):
+    from pipelines import tracking
+    from pipelines.modeling import MANIFEST
+
+    _, out = first
+    c = tracking.client()
+    kids = children(out["parent_run_id"])
+
+    def files(run_id: str, path: str = "") -> set[str]:
+        return {Path(a.path).name for a in c.list_artifacts(run_id, path)}
+
+    assert "records.jsonl" in files(kids["sanitize"].info.run_id, "data")
+    assert "dedup_report.jsonl" in files(kids["dedup"].info.run_id)
+    assert {"perplexity_histogram.png", "perplexity.jsonl"} <= files(kids["curriculum"].info.run_id)
+    assert {"model.safetensors", MANIFEST, "tokenizer.json"} <= files(kids["dapt"].info.run_id, "model")
+    sft_files = files(kids["sft"].info.run_id, "model")
+    assert {"adapter_model.safetensors", "adapter_config.json", MANIFEST} <= sft_files
+    assert not any(f.endswith(".bin") for f in sft_files)
+    assert {"evaluation.png", "evaluation.md", "evaluation.json"} <= files(kids["evaluate"].info.run_id)
+    # the sft adapter names, by reference, the exact dapt output it sits on
+    local = tracking.fetch(__import__("pipelines.artifacts", fromlist=["ArtifactRef"]).ArtifactRef(
+        kids["sft"].info.run_id, "model", kids["sft"].data.tags["tunewright.output_sha256"], "sft"))
+    manifest = json.loads((local / MANIFEST).read_text())
+    assert manifest["kind"] == "adapter"
+    assert manifest["base"]["run_id"] == kids["dapt"].info.run_id
+    assert manifest["base"]["sha256"] == kids["dapt"].data.tags["tunewright.output_sha256"]
+
+
+def test_prefect_markdown_artifact_published(first):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tunewright-tiny"])))
+
+    arts = asyncio.run(read())
+    assert arts, "the run publishes a markdown artifact"
+    text = arts[0].data
+    assert "| stage | cache | seconds | result |" in text and "| dpo |" in text
+    assert "qa_exact_match" in text
+
+
+def test_second_run_is_all_cache_hits(first):
+    from flows.finetune import finetune
+
+    cfg, out1 = first
+    out2 = finetune(cfg)
+    assert {s: r["cache"] for s, r in out2["stages"].items()} == {s: "hit" for s in STAGES}
+    kids1, kids2 = children(out1["parent_run_id"]), children(out2["parent_run_id"])
+    for s in STAGES:
+        assert kids2[s].data.tags["tunewright.source_run_id"] == kids1[s].info.run_id
+    assert out2["evaluation"] == out1["evaluation"]
+    from pipelines import tracking
+
+    m = tracking.client().get_run(out2["parent_run_id"]).data.metrics
+    assert m["sft/qa_exact_match"] == out1["evaluation"]["sft"]["qa_exact_match"]
+
+
+def test_only_recomputes_one_stage(first):
+    from flows.finetune import finetune
+
+    cfg, _ = first
+    out = finetune(cfg, only="sft")
+    assert {s: r["cache"] for s, r in out["stages"].items()} == {
+        "sanitize": "hit", "dedup": "hit", "curriculum": "hit", "dapt": "hit", "sft": "miss"}
+
+
+def test_editing_sft_config_invalidates_sft_and_after(first, cfg_dir):
+    from flows.finetune import finetune
+    from pipelines.config import load_config
+
+    def edit(d):
+        d["sft"]["learning_rate"] = 5.0e-3
+
+    cfg = load_config(copy_config(TINY, cfg_dir, "tiny", edit))
+    out = finetune(cfg)
+    cache = {s: r["cache"] for s, r in out["stages"].items()}
+    assert cache == {"sanitize": "hit", "dedup": "hit", "curriculum": "hit", "dapt": "hit",
+                     "sft": "miss", "reward": "miss", "dpo": "miss", "evaluate": "miss"}
