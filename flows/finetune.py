@@ -2,7 +2,7 @@
 
 One MLflow parent run per flow run (tag ``tunewright.pipeline=<config name>``), one child run per stage (see
 ``tasks/stages.py``). The flow's typed parameter is the validated :class:`PipelineConfig`;
-``finetune_from_file`` is the same flow for deployments, with the config path as a form field.
+deployments pass a config path instead (a form field in the UI).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -22,6 +22,9 @@ from pipelines.config import PREFERENCE_ALGORITHMS, PipelineConfig, load_config
 from pipelines.data import resolve_data
 from tasks.base import base_model_task
 from tasks.stages import STAGE_TASKS, StageResult
+
+
+StageName = Literal["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate"]
 
 
 class GateError(RuntimeError):
@@ -94,7 +97,12 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
         def stage(name: str, inputs: dict[str, ArtifactRef]) -> ArtifactRef | None:
             if todo[name] == "skip":
                 return None
-            res = STAGE_TASKS[name](cfg, inputs, parent, todo[name] == "force")
+            if getattr(cfg.stage_config(name), "work_pool", "local") == "gpu":
+                from flows.dispatch import run_on_pool  # training on GPU workers, artifacts meet in MLflow
+
+                res = run_on_pool("gpu", name, cfg, inputs, parent, todo[name] == "force")
+            else:
+                res = STAGE_TASKS[name](cfg, inputs, parent, todo[name] == "force")
             results[name] = res
             report.stages[name] = {"run_id": res.run_id, "cache": "hit" if res.cache_hit else "miss",
                                    "seconds": round(res.seconds, 1), "summary": res.summary.splitlines()[0] if res.summary else ""}
@@ -163,20 +171,22 @@ def _publish(report: RunReport) -> None:
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(config: PipelineConfig, from_stage: str | None = None, only: str | None = None,
-             force: list[str] | None = None) -> dict[str, Any]:
-    """Run the fine-tuning pipeline described by ``config`` (cached stages are reused)."""
-    report = run_pipeline(config, from_stage, only, force)
+def finetune(config: PipelineConfig | str = "pipelines/configs/demo.yaml", from_stage: StageName | None = None,
+             only: StageName | None = None, force: list[StageName] | None = None) -> dict[str, Any]:
+    """Run the tunewright fine-tuning pipeline; stages whose fingerprint is unchanged are reused from MLflow.
+
+    Args:
+        config: A pipeline config file (path relative to the project root, e.g. pipelines/configs/demo.yaml),
+            or the validated config itself.
+        from_stage: Recompute this stage and every stage after it.
+        only: Recompute this stage alone; upstream stages come from the cache, downstream ones are skipped.
+        force: Recompute these stages (the rest may come from the cache).
+    """
+    cfg = load_config(config) if isinstance(config, str) else config
+    report = run_pipeline(cfg, from_stage, only, force)
     return {"parent_run_id": report.parent_run_id, "stages": report.stages, "evaluation": report.evaluation,
             "seconds": report.seconds}
 
 
-@flow(name="finetune-from-file", log_prints=True)
-def finetune_from_file(config_path: str = "pipelines/configs/demo.yaml", from_stage: str | None = None,
-                       only: str | None = None, force: list[str] | None = None) -> dict[str, Any]:
-    """Deployment entry point: the config path (relative to the project root), plus --from/--only/--force."""
-    return finetune(load_config(config_path), from_stage, only, force)
-
-
-__all__ = ["finetune", "finetune_from_file", "plan", "run_pipeline", "GateError", "SelectionError",
+__all__ = ["finetune", "plan", "run_pipeline", "GateError", "SelectionError",
            "PREFERENCE_ALGORITHMS"]

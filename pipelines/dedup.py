@@ -46,10 +46,21 @@ _FLAT_MAX = 50_000  # above this many vectors an IVF index keeps the search well
 
 # ----------------------------------------------------------------------------------------------------- exact
 def normalize(text: str) -> str:
-    """NFKC + casefold, punctuation dropped, whitespace collapsed: "Hello,  World!" == "hello world"."""
+    """NFKC + casefold, punctuation dropped (not inside numbers), whitespace collapsed: "Hello,  World!" == "hello world"."""
     t = unicodedata.normalize("NFKC", text).casefold()
-    t = "".join(" " if unicodedata.category(c)[0] in "PZ" else c for c in t)
-    return " ".join(t.split())
+    out = []
+    for i, c in enumerate(t):
+        if unicodedata.category(c)[0] not in "PZ":
+            out.append(c)
+            continue
+        nxt_digit = t[i + 1 : i + 2].isdigit()
+        prev = t[i - 1 : i]
+        # punctuation inside or before a number carries meaning: 1.5 != 15, -7 != 7, 12:30 != 1230
+        if nxt_digit and (prev.isdigit() and c in ".,:/-" or c == "-" and not prev.isalnum()):
+            out.append(c)
+        else:
+            out.append(" ")
+    return " ".join("".join(out).split())
 
 
 def exact_key(text: str) -> bytes:
@@ -120,7 +131,11 @@ def verify_pair(a: str, b: str) -> tuple[bool, str]:
     # a short aligned substitution of a name or number ("Alice joined" vs "Bob joined") is a different fact,
     # even where the capitalised word opens the sentence and _names cannot tell it from an ordinary word
     sm = difflib.SequenceMatcher(None, [t.lower() for t in ta], [t.lower() for t in tb], autojunk=False)
-    for op, i1, i2, j1, j2 in [] if same_salient else sm.get_opcodes():
+    ops = [o for o in sm.get_opcodes() if o[0] != "equal"]
+    # the same sentence with one word swapped ("... as a chemist" / "... as a pilot") is another fact
+    if len(ops) == 1 and ops[0][0] == "replace" and ops[0][2] - ops[0][1] <= 2 and ops[0][4] - ops[0][3] <= 2:
+        return False, "one word differs"
+    for op, i1, i2, j1, j2 in [] if same_salient else ops:
         if op == "replace" and i2 - i1 <= 3 and j2 - j1 <= 3:
             sa = {t.lower() for t in ta[i1:i2] if _salient(t)}
             sb = {t.lower() for t in tb[j1:j2] if _salient(t)}
@@ -260,7 +275,11 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True) -
         if len(members) == 1:
             continue
         # members are in input order, so max() keeps the earliest of equally long texts
-        kept = members[0] if cfg.keep == "first" else max(members, key=lambda m: (len(texts[m]), -m))
+        # a truncated fragment never survives its cluster: the kept record must hold the whole statement
+        longest = max(members, key=lambda m: (len(texts[m]), -m))
+        full = normalize(texts[longest])
+        whole = [m for m in members if m == longest or normalize(texts[m]) not in full or len(normalize(texts[m])) == len(full)]
+        kept = whole[0] if cfg.keep == "first" else longest
         for m in members:
             if m == kept:
                 continue

@@ -343,8 +343,8 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
                     ((pg + pcfg.vf_coef * vf) * len(idx) / len(mini)).backward()
                     with torch.no_grad():
                         acc["entropy"].append(float(masked_mean(entropy_from_logits(logits), m)))
-                    acc["policy_loss"].append(float(pg))
-                    acc["value_loss"].append(float(vf))
+                    acc["policy_loss"].append(float(pg.detach()))
+                    acc["value_loss"].append(float(vf.detach()))
                     acc["clipfrac"].append(float(clipfrac))
                 torch.nn.utils.clip_grad_norm_(pol_params + val_params, pcfg.max_grad_norm)
                 opt.step()
@@ -399,9 +399,12 @@ def save_checkpoint(work_dir: Path, iteration: int, policy, value_model, opt, kl
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    old = sorted((p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                 key=lambda p: int(p.name.split("-")[-1]))
-    for p in old[:-keep]:
+    # Keep the newest ``keep`` complete checkpoints; drop older ones and leftovers of interrupted writes.
+    done = sorted((p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                   and (p / "state.json").is_file()), key=lambda p: int(p.name.split("-")[-1]))
+    stale = [p for p in work_dir.glob("checkpoint-*") if p not in done]
+    stale += [p for p in work_dir.glob(".checkpoint-*.tmp-*")]
+    for p in done[:-keep] + stale:
         shutil.rmtree(p, ignore_errors=True)
     return final
 

@@ -62,11 +62,13 @@ def trainer_kwargs(tcfg: TrainConfig, out_dir: Path, seed: int) -> dict[str, Any
         output_dir=str(out_dir), max_steps=tcfg.max_steps, num_train_epochs=tcfg.epochs,
         learning_rate=tcfg.learning_rate, per_device_train_batch_size=tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum, warmup_steps=tcfg.warmup_ratio, weight_decay=tcfg.weight_decay,
-        lr_scheduler_type=tcfg.lr_scheduler, bf16=tcfg.bf16, gradient_checkpointing=tcfg.gradient_checkpointing,
+        lr_scheduler_type=tcfg.lr_scheduler, bf16=tcfg.bf16,
         seed=seed, data_seed=seed, report_to=[], logging_steps=10, save_strategy="steps" if tcfg.save_steps else "no",
         save_steps=tcfg.save_steps or 500, save_total_limit=2, dataloader_num_workers=0,
         disable_tqdm=os.environ.get("TUNEWRIGHT_NO_PROGRESS") == "1", use_cpu=not torch.cuda.is_available(),
     )
+    if tcfg.gradient_checkpointing:
+        kw["gradient_checkpointing"] = True
     if tcfg.deepspeed is not None and tcfg.launcher != "inprocess":
         kw["deepspeed"] = os.environ.get("TUNEWRIGHT_DEEPSPEED_CONFIG")
     return kw

@@ -111,7 +111,12 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
         module = importlib.import_module(f"pipelines.{stage}")
         with tempfile.TemporaryDirectory(prefix=f"tw-{stage}-") as tmp:
             out_dir = Path(tmp)
-            out = module.run(cfg, local, out_dir)
+            if getattr(cfg.stage_config(stage), "launcher", "inprocess") != "inprocess":
+                from pipelines.launch import launch_stage  # accelerate / deepspeed subprocess (ZeRO-3 on GPUs)
+
+                out = launch_stage(stage, cfg, local, out_dir, run_id=rid, log=log)
+            else:
+                out = module.run(cfg, local, out_dir)
             model_dir = out_dir / out.primary
             if model_dir.is_dir() and (model_dir / MANIFEST).is_file():
                 _record_lineage(model_dir, inputs)

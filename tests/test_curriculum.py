@@ -1,0 +1,87 @@
+"""Curriculum: batched perplexity equals the one-at-a-time value, padding is excluded, and the order reaches
+the trainer (dapt feeds blocks sequentially, never shuffled)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.config import CurriculumConfig, DaptConfig
+from pipelines.curriculum import order_indices, perplexities
+
+TEXTS = ["the cat sat on the mat", "a dog", "Veltrane Labs sells the Desbrylt speaker for 299 dollars in teal",
+         "the cat sat", "zq xv kj wp", "今天天气很好", "the mat"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines.modeling import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(TEXTS * 5, 300)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=tok.pad_token_id)).eval()
+    return model, tok
+
+
+def one_at_a_time(model, tok, text: str) -> float:
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        return math.exp(model(input_ids=ids, labels=ids).loss.item())
+
+
+def test_batched_perplexity_matches_unbatched_and_ignores_padding(tiny_lm):
+    model, tok = tiny_lm
+    batched = perplexities(model, tok, TEXTS, batch_size=4, max_length=64, progress=False)
+    single = np.array([one_at_a_time(model, tok, t) for t in TEXTS])
+    np.testing.assert_allclose(batched, single, rtol=1e-4)
+
+
+def test_order_modes():
+    ppl = np.array([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0])
+    assert order_indices(ppl, "easy_to_hard", 4, 0) == [1, 3, 2, 4, 0, 5, 6, 7]
+    assert order_indices(ppl, "off", 4, 0) == list(range(8))
+    b = order_indices(ppl, "bucketed", 2, 0)
+    assert sorted(b[:4]) == [1, 2, 3, 4] and sorted(b[4:]) == [0, 5, 6, 7]
+
+
+def test_curriculum_order_reaches_the_trainer(tiny_lm, tmp_path):
+    """The batches dapt's trainer draws are the curriculum's blocks in order (a RandomSampler would shuffle)."""
+    from transformers import Trainer, TrainingArguments
+
+    from pipelines.dapt import block_dataset
+    from pipelines.training import sequential, trainer_kwargs
+
+    model, tok = tiny_lm
+    texts = [f"record {i} " + "word " * (i % 5) for i in range(200)]
+    ds = block_dataset(tok, texts, 16)
+    args = TrainingArguments(**trainer_kwargs(DaptConfig(batch_size=4, max_length=16), tmp_path, 0))
+    seen = [row for batch in sequential(Trainer)(model=model, args=args, train_dataset=ds).get_train_dataloader()
+            for row in batch["input_ids"].tolist()]
+    assert seen == ds["input_ids"]
+    shuffled = [row for batch in Trainer(model=model, args=args, train_dataset=ds).get_train_dataloader()
+                for row in batch["input_ids"].tolist()]
+    assert shuffled != ds["input_ids"], "the default trainer shuffles: the sequential one is what keeps the order"
+
+
+def test_curriculum_stage_writes_order_histogram(tiny_lm, tmp_path):
+    from pipelines.artifacts import read_jsonl
+    from pipelines.curriculum import curriculum
+    from pipelines.modeling import save_model
+
+    model, tok = tiny_lm
+    save_model(model, tok, tmp_path / "ref", {"stage": "base", "kind": "full", "task": "causal_lm"})
+    out = curriculum([{"text": t, "id": i} for i, t in enumerate(TEXTS)], "text", tmp_path / "ref",
+                     CurriculumConfig(batch_size=3), 0, tmp_path / "out")
+    rows = read_jsonl(tmp_path / "out" / "data" / "records.jsonl")
+    ppl = [r["perplexity"] for r in rows]
+    assert ppl == sorted(ppl) and len(rows) == len(TEXTS)
+    assert {r["id"] for r in rows} == set(range(len(TEXTS)))
+    assert (tmp_path / "out" / "perplexity_histogram.png").stat().st_size > 1000
+    assert out.metrics["ppl_median"] == pytest.approx(float(np.median(ppl)), rel=1e-3)
