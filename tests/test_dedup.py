@@ -44,9 +44,12 @@ def test_normalised_exact_key() -> None:
 def test_verify_pair() -> None:
     assert verify_pair(TEXTS[0], TEXTS[2]) == (True, "near")
     assert verify_pair(TEXTS[0], TEXTS[3]) == (False, "numbers differ")  # XR-200 vs XR-300
-    assert verify_pair("The Zorblat XR weighs 12 kg.", "The Zorblat QV weighs 12 kg.") == (False, "names differ")
+    assert verify_pair("The Zorblat XR weighs 12 kg at Acme.", "At Acme, the Zorblat QV weighs 12 kg.") == (
+        False, "names differ")
+    assert verify_pair("Ann joined Acme in 2019 as a chemist.", "Ann joined Acme in 2019 as a pilot.") == (
+        False, "words differ")
     assert verify_pair(TEXTS[0], TEXTS[4]) == (False, "numbers differ")
-    assert verify_pair(TEXTS[5], TEXTS[6]) == (False, "names differ")
+    assert verify_pair(TEXTS[5], TEXTS[6]) == (False, "words differ")
     assert verify_pair(TEXTS[5], TEXTS[8]) == (True, "truncation")
     assert verify_pair("On March 8 it was 7 degrees in Lisbon.", "On March 8 it was -7 degrees in Lisbon.") == (
         False, "numbers differ")
