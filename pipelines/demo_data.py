@@ -14,7 +14,8 @@ byte-identical files:
 - ``eval_preference`` held-out pairs of the same kinds (other products, other non-existent names).
 - ``prompts``         ``{"prompt"}`` rollout prompts for ppo/grpo.
 - ``eval_prompts``    ``{"prompt", "kind"}`` held-out prompts, kind "fact" or "nonexistent".
-- ``eval_text``       ``{"text"}`` held-out domain sentences (a template the corpus never uses) for perplexity.
+- ``eval_text``       ``{"text"}`` held-out domain sentences for perplexity: for each fact, a phrasing of the
+                      corpus's own kinds that the corpus did not use for that fact.
 
 Run alone::
 
@@ -241,7 +242,7 @@ class Sizes:
 
 
 SIZES = {
-    "full": Sizes(50, 30, 30, 15, 5, 120, 200, 600, 150, 200, 100, 200, 1000),
+    "full": Sizes(24, 14, 30, 15, 5, 60, 140, 600, 150, 200, 100, 140, 1000),
     "tiny": Sizes(8, 5, 4, 3, 3, 12, 30, 60, 20, 20, 12, 20, 100),
 }
 
@@ -383,7 +384,10 @@ def _near_duplicate(rng: random.Random, text: str, lang: str) -> str:
     return text
 
 
-def build_corpus(rng: random.Random, products: list[Product], sz: Sizes) -> list[dict[str, str]]:
+def build_corpus(rng: random.Random, products: list[Product], sz: Sizes,
+                 unused: list[str] | None = None) -> list[dict[str, str]]:
+    """Corpus documents. ``unused`` collects, per fact, the corpus phrasings this corpus did NOT use: held-out
+    text from the corpus's own distribution (what domain perplexity should measure), never seen in training."""
     docs: list[tuple[str, str, str, int]] = []  # (text, source, lang, price used by look-alikes)
     for p in products:
         for lang in ("en", "zh"):
@@ -396,6 +400,8 @@ def build_corpus(rng: random.Random, products: list[Product], sz: Sizes) -> list
                 seen = [first] + rng.sample([i for i in range(6) if i != first], sz.kinds_per_fact - 1)
                 for i in seen:
                     by_source[SOURCE[KINDS[i]]].append(tmpl[i].format(p=p.name, v=p.answer(attr, lang)))
+                if unused is not None:
+                    unused.extend(tmpl[i].format(p=p.name, v=p.answer(attr, lang)) for i in range(6) if i not in seen)
             for source, sents in by_source.items():
                 rng.shuffle(sents)
                 j = 0
@@ -566,7 +572,8 @@ def build(size: Literal["full", "tiny"] = "full", seed: int = 0) -> dict[str, li
             "warranty": rng.choice(WARRANTY)})
         for i in range(sz.products)
     ]
-    corpus = build_corpus(rng, products, sz)
+    unused: list[str] = []
+    corpus = build_corpus(rng, products, sz, unused)
     blob = "\n".join(d["text"] for d in corpus).casefold()
     # Non-existent names: the unused part of the pool, minus any name that happens to occur in the corpus.
     fake = [n for n in names[sz.products:] if n.casefold() not in blob]
@@ -579,9 +586,9 @@ def build(size: Literal["full", "tiny"] = "full", seed: int = 0) -> dict[str, li
     qa_all = [{"question": _qa(rng, p.name, a, lang), "answer": p.answer(a, lang), "lang": lang, "product": p.name}
               for p in eval_p for a in ATTRS for lang in ("en", "zh")]
     eval_qa = [qa_all[i] for i in sorted(rng.sample(range(len(qa_all)), min(sz.eval_qa, len(qa_all))))]
-    eval_text_all = [STATEMENTS[lang][a][6].format(p=p.name, v=p.answer(a, lang))
-                     for p in products for a in ATTRS for lang in ("en", "zh")]
-    eval_text = [{"text": eval_text_all[i]} for i in sorted(rng.sample(range(len(eval_text_all)), sz.eval_text))]
+    # Held-out domain text: phrasings of the corpus's own kinds that the corpus left out for that fact.
+    unused = [u for u in unused if u.casefold() not in blob]  # ZH templates can nest inside each other
+    eval_text = [{"text": unused[i]} for i in sorted(rng.sample(range(len(unused)), min(sz.eval_text, len(unused))))]
     return {
         "corpus": corpus,
         "general": build_general(rng, sz.general),
