@@ -81,6 +81,13 @@ def run(
     except SelectionError as e:
         fail(str(e))
     _check_inputs(cfg)
+    from pipelines.launch import preflight
+    from pipelines.training import QLoRAUnavailableError
+
+    try:
+        preflight(cfg)  # machine checks (QLoRA needs CUDA) before any stage runs
+    except QLoRAUnavailableError as e:
+        fail(str(e))
     try:
         out = finetune(cfg, from_stage, only, list(force or []))
     except GateError as e:

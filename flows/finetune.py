@@ -70,16 +70,42 @@ def input_refs(files: dict[str, Any]) -> dict[str, ArtifactRef]:
 
 
 def _parent_run(cfg: PipelineConfig) -> str:
+    """The MLflow parent run, named after the Prefect flow run; each links to the other (tag / link artifact)."""
     c = tracking.client()
-    name = f"{cfg.name}-{flow_run.get_name() or time.strftime('%Y%m%d-%H%M%S')}"
+    # Same name in both UIs: the Prefect flow run's name (a timestamped one outside a flow run).
+    name = flow_run.get_name() or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {tracking.TAG_PIPELINE: cfg.name, "prefect.flow_run_id": str(flow_run.get_id() or ""),
             "prefect.flow_run_name": str(flow_run.get_name() or "")}
+    ui_url = flow_run.get_flow_run_ui_url()
+    if ui_url and ui_url.startswith("http"):
+        tags["prefect.flow_run_url"] = ui_url
     run = tracking.with_retries(lambda: c.create_run(tracking.experiment_id(), run_name=name, tags=tags), "create run")
     rid = run.info.run_id
     for k, v in tracking.flatten(cfg.model_dump(mode="json", exclude={"base_dir"})).items():
         c.log_param(rid, k, v)
     c.log_text(rid, json.dumps(cfg.model_dump(mode="json"), indent=2), "config.json")
+    _link_flow_run(rid)
     return rid
+
+
+def _link_flow_run(run_id: str) -> None:
+    """Prefect side of the link: a flow-run tag ``mlflow:<run id>`` and a link artifact to the MLflow run page."""
+    fid = flow_run.get_id()
+    if not fid:
+        return
+    try:
+        from prefect.artifacts import create_link_artifact
+        from prefect.client.orchestration import get_client
+
+        url = tracking.run_url(run_id)
+        if url:
+            create_link_artifact(link=url, link_text=f"MLflow run {run_id}", key="mlflow-run",
+                                 description="The MLflow parent run of this flow run (stages are its child runs)")
+        with get_client(sync_client=True) as client:
+            tags = client.read_flow_run(fid).tags
+            client.update_flow_run(fid, tags=sorted({*tags, f"mlflow:{run_id}"}))
+    except Exception as e:  # a missing link must not fail a training run
+        get_run_logger().warning("could not link flow run %s to MLflow run %s: %s", fid, run_id, e)
 
 
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None,
@@ -87,6 +113,9 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
     logger = get_run_logger()
     t0 = time.time()
     todo = plan(cfg, from_stage, only, list(force or []))
+    from pipelines.launch import preflight
+
+    preflight(cfg)
     files = input_refs(resolve_data(cfg))
     c = tracking.client()
     parent = _parent_run(cfg)

@@ -124,6 +124,15 @@ class DedupConfig(Strict):
         description="Cosine similarity that makes a candidate pair (verification then decides; 0.8 catches truncations).",
     )
     neighbours: int = Field(10, ge=1, description="Nearest neighbours searched per record.")
+    lexical: bool = Field(
+        True,
+        description="Also take candidates from shared rare word 3-grams: truncated or boilerplate-wrapped copies that "
+        "same-template records crowd out of the embedding neighbours.",
+    )
+    lexical_threshold: float = Field(
+        0.5, ge=-1.0, le=1.0, description="Cosine a lexical candidate still needs (verification then decides)."
+    )
+    num_proc: int = Field(1, ge=1, description="Worker processes embedding shards of the records; search stays global.")
     verify: bool = Field(True, description="Numbers and names must agree before a semantic pair is dropped.")
     keep: Literal["first", "longest"] = Field("first", description="Which record of a duplicate cluster survives.")
     batch_size: int = Field(256, ge=1)
@@ -148,12 +157,24 @@ class PeftConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
+    """The DeepSpeed JSON is generated from this (``pipelines.launch.deepspeed_config``) and logged per stage."""
+
     zero_stage: Literal[0, 1, 2, 3] = 3
-    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
-    offload_param: Literal["none", "cpu", "nvme"] = "none"
-    nvme_path: str | None = None
-    bf16: bool = False
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Optimizer states (ZeRO >= 1).")
+    offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="Parameters (ZeRO-3 only).")
+    nvme_path: str | None = Field(None, description="Local NVMe directory, required when an offload is 'nvme'.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; None: follow the stage's bf16.")
     gather_16bit_weights_on_model_save: bool = True
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedConfig:
+        if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
+            raise ValueError("nvme_path is required when an offload device is 'nvme'")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3 (only ZeRO-3 partitions parameters)")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
 
 
 class TrainConfig(Strict):
@@ -182,6 +203,11 @@ class TrainConfig(Strict):
     def _launch(self) -> TrainConfig:
         if self.launcher != "inprocess" and self.deepspeed is None and self.launcher == "deepspeed":
             raise ValueError("launcher 'deepspeed' needs a deepspeed block")
+        if self.deepspeed is not None and self.deepspeed.bf16 is not None and self.deepspeed.bf16 != self.bf16:
+            # HF Trainer refuses a DeepSpeed bf16 setting that differs from its own bf16 argument.
+            raise ValueError("deepspeed.bf16 differs from bf16; set bf16 on the stage (deepspeed follows it)")
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            raise ValueError("hostfile is read by launcher 'deepspeed' (multi-node); set launcher: deepspeed")
         return self
 
 

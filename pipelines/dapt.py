@@ -18,7 +18,7 @@ from pipelines.artifacts import StageOutput, read_jsonl
 from pipelines.config import DaptConfig, PipelineConfig
 from pipelines.modeling import load_model, load_tokenizer, pack_blocks, seed_everything
 from pipelines.training import (
-    check_peft_supported, last_checkpoint, log_history_metrics, lora_config, save_trained, sequential, trainer_kwargs,
+    check_peft_supported, last_checkpoint, quantization_config, log_history_metrics, lora_config, save_trained, sequential, trainer_kwargs,
 )
 
 
@@ -36,7 +36,9 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
     check_peft_supported(dcfg.peft, "dapt")
     seed_everything(seed)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+    qcfg = quantization_config(dcfg.peft)
+    model = load_model(model_dir, trust_remote_code=trust_remote_code,
+                       **({"quantization_config": qcfg} if qcfg is not None else {}))
     peft_cfg = lora_config(dcfg.peft)
     if peft_cfg is not None:
         from peft import get_peft_model

@@ -18,7 +18,7 @@ from pipelines.artifacts import StageOutput, read_jsonl
 from pipelines.config import DPOStageConfig, PipelineConfig
 from pipelines.modeling import load_model, load_tokenizer, seed_everything
 from pipelines.training import (
-    check_peft_supported, last_checkpoint, log_history_metrics, lora_config, save_trained, trainer_kwargs,
+    check_peft_supported, last_checkpoint, quantization_config, log_history_metrics, lora_config, save_trained, trainer_kwargs,
 )
 
 
@@ -30,7 +30,9 @@ def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out
     check_peft_supported(dcfg.peft, "dpo")
     seed_everything(seed)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+    qcfg = quantization_config(dcfg.peft)
+    model = load_model(model_dir, trust_remote_code=trust_remote_code,
+                       **({"quantization_config": qcfg} if qcfg is not None else {}))
     peft_cfg = lora_config(dcfg.peft)
     ref = None if peft_cfg is not None else load_model(model_dir, trust_remote_code=trust_remote_code)
     train = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.config import PipelineConfig, PPOStageConfig
@@ -226,12 +225,14 @@ class PPOResult:
 def prompts_for(iteration: int, n_prompts: int, k: int, seed: int) -> list[int]:
     """Indices of the prompts of an iteration: successive slices of per-epoch shuffles (a function of the iteration,
     so a resumed run draws exactly what an uninterrupted one would)."""
+    orders: dict[int, list[int]] = {}
     out = []
     for pos in range(iteration * k, (iteration + 1) * k):
         epoch, i = divmod(pos, n_prompts)
-        order = list(range(n_prompts))
-        random.Random(f"ppo-{seed}-{epoch}").shuffle(order)
-        out.append(order[i])
+        if epoch not in orders:
+            orders[epoch] = list(range(n_prompts))
+            random.Random(f"ppo-{seed}-{epoch}").shuffle(orders[epoch])
+        out.append(orders[epoch][i])
     return out
 
 
@@ -307,12 +308,14 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
         with torch.no_grad():
             old_logp, ref_logp, old_values = (torch.empty_like(mask) for _ in range(3))
             for s in range(0, n, pcfg.batch_size):
-                mb = b.rows(torch.arange(s, min(s + pcfg.batch_size, n), device=device))
-                old_logp[s: s + pcfg.batch_size] = token_logprobs(response_logits(policy, mb, pcfg.temperature), mb.responses)
-                ref_logp[s: s + pcfg.batch_size] = token_logprobs(reference_logits(mb), mb.responses)
-                old_values[s: s + pcfg.batch_size] = token_values(value_model, mb)
+                rows = slice(s, s + pcfg.batch_size)
+                mb = b.rows(torch.arange(n, device=device)[rows])
+                old_logp[rows] = token_logprobs(response_logits(policy, mb, pcfg.temperature), mb.responses)
+                ref_logp[rows] = token_logprobs(reference_logits(mb), mb.responses)
+                old_values[rows] = token_values(value_model, mb)
             old_logp, ref_logp, old_values = old_logp * mask, ref_logp * mask, old_values * mask
-            texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(b.responses, mask)]
+            texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                     for r, m in zip(b.responses, mask)]
             scores = score(reward_model, reward_tok, batch_prompts, texts, batch_size=pcfg.batch_size,
                            max_length=pcfg.max_length).to(device)
             # 3. per-token rewards: KL penalty everywhere, the score on the last answer token; GAE; whitening

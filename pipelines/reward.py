@@ -22,7 +22,7 @@ from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.config import PipelineConfig, RewardStageConfig
 from pipelines.modeling import load_model, load_tokenizer, seed_everything
 from pipelines.training import (
-    check_peft_supported, last_checkpoint, log_history_metrics, lora_config, save_trained, trainer_kwargs,
+    check_peft_supported, last_checkpoint, quantization_config, log_history_metrics, lora_config, save_trained, trainer_kwargs,
 )
 
 
@@ -66,7 +66,9 @@ def reward(pairs: list[dict], eval_pairs: list[dict], model_dir: Path, rcfg: Rew
     check_peft_supported(rcfg.peft, "reward")
     seed_everything(seed)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, task="reward", trust_remote_code=trust_remote_code)
+    qcfg = quantization_config(rcfg.peft)
+    model = load_model(model_dir, task="reward", trust_remote_code=trust_remote_code,
+                       **({"quantization_config": qcfg} if qcfg is not None else {}))
     train = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     work_dir = work_dir or out_dir / "checkpoints"
     args = RewardConfig(**trainer_kwargs(rcfg, work_dir, seed), max_length=rcfg.max_length)

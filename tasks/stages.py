@@ -78,7 +78,8 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
     c = tracking.client()
     exp = tracking.experiment_id()
     fcfg = stage_fingerprint_config(cfg, stage)
-    code = tracking.code_version(f"pipelines.{stage}", *SHARED_CODE)
+    launched = getattr(cfg.stage_config(stage), "launcher", "inprocess") != "inprocess"
+    code = tracking.code_version(f"pipelines.{stage}", *SHARED_CODE, *(("pipelines.launch",) if launched else ()))
     fp = tracking.fingerprint(stage, fcfg, inputs, code)
     tags = {"mlflow.parentRunId": parent_run_id, tracking.TAG_STAGE: stage, tracking.TAG_FINGERPRINT: fp,
             tracking.TAG_PIPELINE: cfg.name}
