@@ -411,7 +411,8 @@ def method(name: str, n: int) -> dict:
         del sim
         search_peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-        stats = {"embed_s": t1 - t0, "search_s": time.perf_counter() - t1, "verify_s": 0.0}
+        stats = {"embed_s": t1 - t0, "search_s": time.perf_counter() - t1, "lexical_s": 0.0, "verify_s": 0.0,
+                 "candidate_pairs": 0, "lexical_pairs": 0}
     else:
         tracemalloc.start()
         keep, removed, stats = find_duplicates(texts, DedupConfig(), progress=False)
@@ -420,7 +421,8 @@ def method(name: str, n: int) -> dict:
         twin = {x["removed_index"]: x["kept_index"] for x in removed}
     dt = time.perf_counter() - t0
     return {"method": name, "n": n, "seconds": dt, "peak_rss_mib": _peak(), "traced_peak_mib": search_peak,
-            **{k: stats[k] for k in ("embed_s", "search_s", "verify_s")}, **dedup_scores(recs, keep, twin)}
+            **{k: stats[k] for k in ("embed_s", "search_s", "lexical_s", "verify_s", "candidate_pairs", "lexical_pairs")},
+            **dedup_scores(recs, keep, twin)}
 
 
 def _sub(name: str, n: int) -> dict:

@@ -8,10 +8,15 @@ How:
 1. exact: hash of the normalised text (NFKC, casefold, punctuation removed, whitespace collapsed);
 2. near: sentence embeddings (offline MiniLM by default, batched, length-sorted) + FAISS inner-product search
    over unit vectors (flat below 50k records, IVF above): memory O(n*d), never an n*n matrix;
+   plus a cheap lexical index (shared rare word 3-grams): truncated or boilerplate-wrapped copies that
+   same-template records crowd out of the k nearest neighbours are still candidates;
 3. verify each candidate pair before dropping anything: embeddings score "Alice joined Acme in 2019" and
    "Bob joined Acme in 2021" above 0.95, so numbers must agree, names/model codes must agree and the texts must
    share words; one text contained in the other (truncation) is a duplicate;
 4. union-find over exact and verified pairs; one record per cluster survives (``keep``: first | longest).
+
+Embeddings can be computed shard by shard (``num_proc`` worker processes, or any engine through
+``pipelines.shards.sharded_embedder``); exact hashing, search and verification stay global.
 
 Run alone::
 
@@ -29,6 +34,7 @@ import re
 import sys
 import time
 import unicodedata
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -114,11 +120,22 @@ def _salient(tok: str) -> bool:
     return any(c.isdigit() for c in tok) or (tok[:1].isupper() and tok.lower() not in _STOP)
 
 
+def _contains(long_: str, short: str) -> bool:
+    """``short`` occurs in ``long_`` starting at a word boundary ("lena tanaka" is not inside "elena tanaka"); the
+    end may be mid-word, where a cut-off fragment ends. CJK characters are words of their own."""
+    at = long_.find(short)
+    while at >= 0:
+        if at == 0 or not long_[at - 1].isalnum() or _CJK.match(long_[at - 1]) or _CJK.match(short[0]):
+            return True
+        at = long_.find(short, at + 1)
+    return False
+
+
 def verify_pair(a: str, b: str) -> tuple[bool, str]:
     """Are two embedding-similar texts really the same record? Returns (verdict, why)."""
     na, nb = normalize(a), normalize(b)
     short, long_ = (na, nb) if len(na) <= len(nb) else (nb, na)
-    if len(short) >= 16 and short in long_:
+    if len(short) >= 16 and _contains(long_, short):
         return True, "truncation"
     xa, xb = _numbers(a), _numbers(b)
     if xa - xb and xb - xa:
@@ -133,9 +150,21 @@ def verify_pair(a: str, b: str) -> tuple[bool, str]:
     # even where the capitalised word opens the sentence and _names cannot tell it from an ordinary word
     sm = difflib.SequenceMatcher(None, [t.lower() for t in ta], [t.lower() for t in tb], autojunk=False)
     ops = [o for o in sm.get_opcodes() if o[0] != "equal"]
+    # words added only before or after the shared text are boilerplate or a cut: look at what lies in between
+    core = ops[1:] if ops and ops[0][0] != "replace" and ops[0][1] == ops[0][3] == 0 else ops
+    if core and core[-1][0] != "replace" and core[-1][2] == len(ta) and core[-1][4] == len(tb):
+        core = core[:-1]
+
+    def swap(k: int, op: tuple) -> bool:
+        """A word or two replaced in place; at either end the other side may carry boilerplate as well."""
+        tag, i1, i2, j1, j2 = op
+        edge = (k == 0 and i1 == j1 == 0) or (k == len(core) - 1 and i2 == len(ta) and j2 == len(tb))
+        return tag == "replace" and (min(i2 - i1, j2 - j1) if edge else max(i2 - i1, j2 - j1)) <= 2
+
     # the same sentence with words swapped in place ("... as a chemist" / "... as a pilot", "March 7 ... 8 degrees"
-    # / "March 8 ... 7 degrees") states another fact; paraphrases move, add or drop words instead
-    if ops and all(op == "replace" and i2 - i1 <= 2 and j2 - j1 <= 2 for op, i1, i2, j1, j2 in ops):
+    # / "March 8 ... 7 degrees") states another fact, also inside boilerplate ("Posted by admin. <that sentence>");
+    # paraphrases move, add or drop words instead
+    if core and all(swap(k, op) for k, op in enumerate(core)):
         return False, "words differ"
     for op, i1, i2, j1, j2 in [] if same_salient else ops:
         if op == "replace" and i2 - i1 <= 3 and j2 - j1 <= 3:
@@ -175,6 +204,54 @@ def embed(texts: list[str], model_name: str, batch_size: int, progress: bool = T
         out[idx] = model.encode([texts[i] for i in idx], batch_size=batch_size, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False)
     return out
+
+
+def shingles(text: str, n: int = 3) -> set[int]:
+    """Hashed word n-grams of the normalised text (CJK per character); a text shorter than n words is one shingle."""
+    toks = _tokens(normalize(text))
+    grams = [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)] or [" ".join(toks)]
+    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams}
+
+
+def lexical_pairs(texts: list[str], max_df: int = 32, containment: float = 0.5) -> set[tuple[int, int]]:
+    """Pairs (i<j) whose rare shingles mostly agree: a cheap containment index that finds truncated and
+    boilerplate-wrapped copies however many same-template records crowd the embedding neighbours.
+
+    A shingle held by more than ``max_df`` records is template text ("kg and costs") and is ignored; a pair is a
+    candidate when it shares at least ``containment`` of the rare shingles of the text with fewer of them.
+    Memory O(total shingles); pairs generated per shingle are at most max_df^2/2, so time is O(n * max_df).
+    """
+    n = len(texts)
+    ids: list[int] = []
+    hs: list[int] = []
+    for i, t in enumerate(texts):
+        s = shingles(t)
+        ids.extend([i] * len(s))
+        hs.extend(s)
+    if not hs:
+        return set()
+    h = np.array(hs, dtype=np.uint64)
+    rec = np.array(ids, dtype=np.int64)
+    order = np.argsort(h, kind="stable")
+    h, rec = h[order], rec[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    sizes = np.diff(np.r_[starts, len(h)])
+    rare = np.repeat(sizes <= max_df, sizes)
+    n_rare = np.bincount(rec[rare], minlength=n)  # denominator: each record's rare shingles
+    codes: list[np.ndarray] = []
+    for s in range(2, max_df + 1):
+        st = starts[sizes == s]
+        if not len(st):
+            continue
+        members = np.sort(rec[st[:, None] + np.arange(s)], axis=1)  # (groups, s), each row one shingle's records
+        a, b = np.triu_indices(s, 1)
+        codes.append(members[:, a].ravel() * n + members[:, b].ravel())
+    if not codes:
+        return set()
+    pair, shared = np.unique(np.concatenate(codes), return_counts=True)
+    i, j = pair // n, pair % n
+    ok = shared >= np.ceil(containment * np.minimum(n_rare[i], n_rare[j]))
+    return {(int(a), int(b)) for a, b in zip(i[ok], j[ok]) if a != b}
 
 
 def neighbour_pairs(emb: np.ndarray, k: int, threshold: float, query_batch: int = 4096) -> dict[tuple[int, int], float]:
@@ -224,10 +301,16 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True) -> tuple[list[bool], list[dict], dict]:
-    """Decide which records survive. Returns (keep flags, one report entry per removed record, stats)."""
+def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
+                    embed_fn: Callable[[list[str]], np.ndarray] | None = None) -> tuple[list[bool], list[dict], dict]:
+    """Decide which records survive. Returns (keep flags, one report entry per removed record, stats).
+
+    ``embed_fn(texts) -> unit vectors`` replaces the in-process embedding, e.g. ``pipelines.shards.sharded_embedder``
+    (shards embedded on worker processes or a cluster); everything after the embeddings stays global.
+    """
     n = len(texts)
-    stats: dict[str, float] = {"candidate_pairs": 0, "rejected_pairs": 0, "embed_s": 0.0, "search_s": 0.0, "verify_s": 0.0}
+    stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "rejected_pairs": 0, "embed_s": 0.0,
+                               "search_s": 0.0, "lexical_s": 0.0, "verify_s": 0.0}
     keys = [exact_key(t) for t in texts]
     first_of: dict[bytes, int] = {}
     uf = _UnionFind(n)
@@ -243,14 +326,34 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True) -
     pos = {r: p for p, r in enumerate(reps)}
     if cfg.semantic and len(reps) > 1:
         t0 = time.perf_counter()
-        emb = embed([texts[r] for r in reps], cfg.embedding_model, cfg.batch_size, progress)
+        rep_texts = [texts[r] for r in reps]
+        if embed_fn is not None:
+            emb = np.ascontiguousarray(embed_fn(rep_texts), dtype=np.float32)
+        elif cfg.num_proc > 1:
+            from pipelines.shards import sharded_embedder
+
+            emb = sharded_embedder(cfg.embedding_model, cfg.batch_size, cfg.num_proc)(rep_texts)
+        else:
+            emb = embed(rep_texts, cfg.embedding_model, cfg.batch_size, progress)
         t1 = time.perf_counter()
         pairs = neighbour_pairs(emb, cfg.neighbours, cfg.threshold)
         t2 = time.perf_counter()
+        if cfg.lexical:
+            lex = [pq for pq in lexical_pairs(rep_texts) if pq not in pairs]
+            if lex:
+                p_, q_ = np.array(lex).T
+                sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
+                stats["lexical_pairs"] = int((sims >= cfg.lexical_threshold).sum())
+                pairs.update({pq: float(x) for pq, x in zip(lex, sims) if x >= cfg.lexical_threshold})
+        t3 = time.perf_counter()
         stats["candidate_pairs"] = len(pairs)
         # Cluster anchor = its longest text. Two clusters merge only if their anchors verify too: a short
-        # truncated text contained in two different facts must not chain them into one cluster.
+        # truncated text contained in two different facts must not chain them into one cluster. Anchors that are
+        # both wrapped in different boilerplate may fail that test, so it is enough that one cluster's core (its
+        # shortest member that ends a sentence: the statement without boilerplate) lies inside the other's.
         anchor = {r: r for r in reps}
+        core = {r: r for r in reps}
+        whole = {r: texts[r].rstrip().endswith(_SENTENCE_END) for r in reps}
         for (p, q), _sim in sorted(pairs.items(), key=lambda kv: -kv[1]):
             a, b = reps[p], reps[q]
             if cfg.verify:
@@ -258,16 +361,19 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True) -
                 if ra == rb:
                     continue
                 if not verify_pair(texts[a], texts[b])[0] or (
-                    (anchor[ra], anchor[rb]) != (a, b) and not verify_pair(texts[anchor[ra]], texts[anchor[rb]])[0]
+                    (anchor[ra], anchor[rb]) != (a, b)
+                    and not verify_pair(texts[anchor[ra]], texts[anchor[rb]])[0]
+                    and verify_pair(texts[core[ra]], texts[core[rb]]) != (True, "truncation")
                 ):
                     stats["rejected_pairs"] += 1
                     continue
                 longest = max(anchor[ra], anchor[rb], key=lambda x: (len(texts[x]), -x))
+                shortest = min(core[ra], core[rb], key=lambda x: (not whole[x], len(texts[x]), x))
                 uf.union(a, b)
-                anchor[uf.find(a)] = longest
+                anchor[uf.find(a)], core[uf.find(a)] = longest, shortest
             else:
                 uf.union(a, b)
-        stats.update(embed_s=t1 - t0, search_s=t2 - t1, verify_s=time.perf_counter() - t2)
+        stats.update(embed_s=t1 - t0, search_s=t2 - t1, lexical_s=t3 - t2, verify_s=time.perf_counter() - t3)
     clusters: dict[int, list[int]] = {}
     for i in range(n):
         clusters.setdefault(uf.find(i), []).append(i)
@@ -366,11 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-semantic", action="store_true", help="exact duplicates only")
     p.add_argument("--no-verify", action="store_true", help="drop every candidate pair (not recommended)")
     p.add_argument("--embedding-model", default=d.embedding_model)
+    p.add_argument("--num-proc", type=int, default=d.num_proc, help="worker processes for the embeddings")
     a = p.parse_args(argv)
     try:
         cfg = DedupConfig(bad_records=a.bad_records, max_bad_fraction=a.max_bad_fraction, keep=a.keep,
                           threshold=a.threshold, semantic=not a.no_semantic, verify=not a.no_verify,
-                          embedding_model=a.embedding_model)
+                          embedding_model=a.embedding_model, num_proc=a.num_proc)
         res = dedup_file(a.input, a.output, cfg, a.field)
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)

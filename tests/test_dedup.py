@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import DataConfig, DedupConfig, ModelConfig, PipelineConfig
-from pipelines.dedup import dedup_file, exact_key, find_duplicates, normalize, run, verify_pair
+from pipelines.dedup import dedup_file, embed, exact_key, find_duplicates, lexical_pairs, normalize, run, verify_pair
 from pipelines.records import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,25 @@ def test_verify_pair() -> None:
     assert verify_pair("On March 8 it was 7 degrees in Lisbon.", "On March 8 it was -7 degrees in Lisbon.") == (
         False, "numbers differ")
     assert verify_pair("The cat sat on the mat today.", "A feline rested upon a rug.") == (False, "low lexical overlap")
+    # a substitution next to boilerplate is still a substitution; different boilerplate around one fact is not
+    assert verify_pair("Posted by admin. Jamal Lindqvist joined Vandelay in 2021 as a pilot. All rights reserved.",
+                       "Jamal Lindqvist joined Vandelay in 2021 as a engineer.") == (False, "words differ")
+    assert verify_pair("Posted by admin. " + TEXTS[5], TEXTS[5] + " Read more...") == (True, "near")
+    # containment starts at a word boundary: "Lena" is not a cut-off "Elena"
+    assert verify_pair("Lena Tanaka joined Umbrella in", "Elena Tanaka joined Umbrella in 1999.") == (False, "words differ")
+    assert verify_pair("Elena Tanaka joined Umbrella in", "Elena Tanaka joined Umbrella in 1999.") == (True, "truncation")
+    assert verify_pair("ZorblatA88型号电池容量为45千瓦", "[Archived] ZorblatA88型号电池容量为45千瓦时，续航13小时。") == (
+        True, "truncation")
+
+
+def test_lexical_pairs_find_contained_copies_and_ignore_template_shingles() -> None:
+    texts = [TEXTS[0], "Posted by admin. " + TEXTS[0] + " Read more...", "The Zorblat XR-200 weighs 12 kg", TEXTS[3],
+             TEXTS[5], "Alice Chen joined Acme in", TEXTS[6]]
+    assert lexical_pairs(texts) == {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (4, 5), (4, 6), (5, 6)}
+    # 40 more records of one template: their shared 3-grams ("weighs 12 kg") are no longer rare, so the XR-300
+    # fact (3) stops being a candidate of the XR-200 one, while the boilerplate copy and the truncation remain
+    filler = [f"The Brixon QM-{100 + i} weighs 12 kg and costs 450 dollars." for i in range(40)]
+    assert lexical_pairs(texts + filler) == {(0, 1), (0, 2), (1, 2), (4, 5), (4, 6), (5, 6)}
 
 
 def test_keep_first_and_report(result) -> None:
@@ -63,8 +82,9 @@ def test_keep_first_and_report(result) -> None:
         (1, 0, "exact"), (2, 0, "near"), (7, 5, "near"), (8, 5, "near")]
     assert removed[0]["similarity"] == 1.0
     assert all(0.8 <= r["similarity"] < 1.0 for r in removed[1:])
-    # 11 pairs above the 0.8 cosine threshold; 7 judged distinct; 1 already joined through the others
-    assert (stats["candidate_pairs"], stats["rejected_pairs"]) == (11, 7)
+    # 11 pairs above the 0.8 cosine threshold + 1 more from the shingle index; 8 judged distinct; 1 already
+    # joined through the others
+    assert (stats["candidate_pairs"], stats["lexical_pairs"], stats["rejected_pairs"]) == (12, 1, 8)
 
 
 def test_keep_longest() -> None:
@@ -89,8 +109,30 @@ def test_eval_set_targets() -> None:
     reduced = sum(sum(keep[i] for i in m) == 1 for m in multi) / len(multi)
     wrong = [r for r in removed if recs[r["removed_index"]]["group"] != recs[r["kept_index"]]["group"]]
     assert (len(recs), len(groups), len(multi)) == (600, 409, 125)
-    assert facts_kept >= 0.99 and wrong == []
-    assert reduced >= 0.9
+    assert facts_kept == 1.0 and wrong == []
+    assert reduced == 1.0  # 122/125 without the shingle index
+
+
+def test_shingle_index_recovers_copies_crowded_out_of_the_neighbours() -> None:
+    """With one neighbour per record, copies crowded out by same-template facts are found through shared 3-grams."""
+    recs = [json.loads(x) for x in (ROOT / "tests" / "data" / "dedup_eval.jsonl").read_text("utf-8").splitlines()]
+    texts = [r["text"] for r in recs]
+    cache: dict[int, object] = {}
+
+    def embed_once(t: list[str]):
+        if not cache:  # both runs embed the same exact-unique texts: once is enough
+            cache[0] = embed(t, DedupConfig().embedding_model, DedupConfig().batch_size, progress=False)
+        return cache[0]
+
+    reduced = {}
+    for lexical in (False, True):
+        keep, removed, stats = find_duplicates(texts, DedupConfig(neighbours=1, lexical=lexical), False, embed_once)
+        assert all(recs[r["removed_index"]]["group"] == recs[r["kept_index"]]["group"] for r in removed)
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(recs):
+            groups.setdefault(r["group"], []).append(i)
+        reduced[lexical] = sum(sum(keep[i] for i in m) == 1 for m in groups.values() if len(m) > 1)
+    assert reduced == {False: 115, True: 121} and stats["lexical_pairs"] == 133
 
 
 def _write(path: Path, texts: list[str]) -> Path:
@@ -104,7 +146,7 @@ def test_dedup_file_and_run(tmp_path: Path) -> None:
     out = run(cfg, {"records": src}, tmp_path / "stage")
     assert out.primary == "data"
     assert out.metrics == {"records_in": 9.0, "records_out": 5.0, "rejected": 0.0, "exact_duplicates": 1.0,
-                           "near_duplicates": 3.0, "candidate_pairs": 11.0, "rejected_pairs": 7.0}
+                           "near_duplicates": 3.0, "candidate_pairs": 12.0, "rejected_pairs": 8.0}
     kept = [json.loads(x) for x in (tmp_path / "stage" / "data" / "records.jsonl").read_text().splitlines()]
     assert [k["n"] for k in kept] == [0, 3, 4, 5, 6]
     assert kept[0] == {"id": "r0", "text": TEXTS[0], "n": 0}
