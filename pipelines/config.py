@@ -102,6 +102,7 @@ class SanitizeConfig(Strict):
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Abort quarantine mode above this fraction.")
     phone_region: str = Field("US", description="Default region for phone numbers written without a country code.")
     ner: bool = Field(False, description="Also mask person/place names with the optional NER backend.")
+    num_proc: int = Field(1, ge=1, description="Sanitize JSONL input in this many shards on worker processes.")
 
     @field_validator("entities")
     @classmethod

@@ -348,7 +348,14 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
     """Pipeline entry point: ``inputs["records"]`` -> ``out_dir/data/records.jsonl`` + ``sanitize_report.json``."""
     field = cfg.sanitize.field or cfg.data.text_field
     out_dir = Path(out_dir)
-    report = sanitize_file(Path(inputs["records"]), out_dir / "data" / "records.jsonl", cfg.sanitize, field)
+    src, dst = Path(inputs["records"]), out_dir / "data" / "records.jsonl"
+    if cfg.sanitize.num_proc > 1 and src.suffix == ".jsonl":
+        from pipelines.shards import sanitize_sharded
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        report = sanitize_sharded(src, dst, cfg.sanitize, field, shards=cfg.sanitize.num_proc)
+    else:
+        report = sanitize_file(src, dst, cfg.sanitize, field)
     write_json(out_dir / "sanitize_report.json", {**report, "field": field, "config": cfg.sanitize.model_dump()})
     counts = {t: report["counts"].get(t, 0) for t in PII_TYPES}
     metrics = {k: float(report[k]) for k in ("records_in", "records_out", "rejected")}
