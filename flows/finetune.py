@@ -83,7 +83,7 @@ def _parent_run(cfg: PipelineConfig) -> str:
     rid = run.info.run_id
     for k, v in tracking.flatten(cfg.model_dump(mode="json", exclude={"base_dir"})).items():
         c.log_param(rid, k, v)
-    c.log_text(rid, json.dumps(cfg.model_dump(mode="json"), indent=2), "config.json")
+    c.log_text(rid, json.dumps(cfg.model_dump(mode="json", exclude={"base_dir"}), indent=2), "config.json")
     _link_flow_run(rid)
     return rid
 

@@ -76,15 +76,13 @@ def trainer_kwargs(tcfg: TrainConfig, out_dir: Path, seed: int) -> dict[str, Any
 
 def last_checkpoint(out_dir: Path) -> str | None:
     """Newest complete ``checkpoint-N`` under ``out_dir`` (a checkpoint being written is not complete yet)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if not Path(out_dir).is_dir():
         return None
     cands = sorted(
         (p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
         key=lambda p: int(p.name.split("-")[-1]),
     )
-    return str(cands[-1]) if cands else get_last_checkpoint(str(out_dir))
+    return str(cands[-1]) if cands else None
 
 
 def sequential(trainer_cls):

@@ -105,7 +105,8 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
         for k, v in tracking.flatten(fcfg).items():
             c.log_param(rid, k, v)
         for k, ref in inputs.items():
-            c.set_tag(rid, f"tunewright.input.{k}", f"{ref.stage}:{ref.run_id or ref.artifact_path}:{ref.sha256[:12]}")
+            # run id or content hash only: a local path could carry a user name or a token
+            c.set_tag(rid, f"tunewright.input.{k}", f"{ref.stage}:{ref.run_id or 'file'}:{ref.sha256[:12]}")
         log(f"{stage}: computing (fingerprint {fp[:12]}, child run {rid[:8]})")
         local = {k: materialize(ref) for k, ref in inputs.items()}
         local["work_dir"] = tracking.home() / "work" / stage / fp
