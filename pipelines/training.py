@@ -67,8 +67,8 @@ def trainer_kwargs(tcfg: TrainConfig, out_dir: Path, seed: int) -> dict[str, Any
         save_steps=tcfg.save_steps or 500, save_total_limit=2, dataloader_num_workers=0,
         disable_tqdm=os.environ.get("TUNEWRIGHT_NO_PROGRESS") == "1", use_cpu=not torch.cuda.is_available(),
     )
-    if tcfg.gradient_checkpointing:
-        kw["gradient_checkpointing"] = True
+    # Always explicit: TRL's configs default to True, which costs ~30% speed where memory is no problem.
+    kw["gradient_checkpointing"] = tcfg.gradient_checkpointing
     if tcfg.deepspeed is not None and tcfg.launcher != "inprocess":
         kw["deepspeed"] = os.environ.get("TUNEWRIGHT_DEEPSPEED_CONFIG")
     return kw
