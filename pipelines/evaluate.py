@@ -182,7 +182,8 @@ def evaluate(models: dict[str, Path], reward_dir: Path | None, eval_text: list[s
     (out_dir / "evaluation.md").write_text(md + "\n", encoding="utf-8")
     chart(table, out_dir / "evaluation.png")
     parent = {f"{ck}/{m}": v for ck, row in table.items() for m, v in row.items() if np.isfinite(v)}
-    return StageOutput(primary="evaluation.json", metrics=dict(parent), parent_metrics=parent, summary=md)
+    head = f"{len(table)} checkpoints on {len(qa)} held-out questions and {len(prompts)} held-out prompts"
+    return StageOutput(primary="evaluation.json", metrics=dict(parent), parent_metrics=parent, summary=f"{head}\n\n{md}")
 
 
 def markdown_table(table: dict[str, dict[str, float]]) -> str:
