@@ -110,7 +110,9 @@ def test_sigkill_worker_mid_sft_resumes_from_last_complete_checkpoint():
 
     new_log = log.read_bytes()[offset:].decode(errors="replace")
     resumed = re.findall(r"Loading model from \S*/checkpoint-(\d+)", new_log)
-    assert resumed == [str(steps[-1])], f"expected a resume from checkpoint-{steps[-1]}, log says {resumed}"
+    # transformers may print the line more than once (logger + captured stdout); every mention must be the last
+    # complete checkpoint, never the torn one and never a fresh start
+    assert resumed and set(resumed) == {str(steps[-1])}, f"expected a resume from checkpoint-{steps[-1]}, log says {resumed}"
     parent = o.parent_of(run_b["id"])
     kids = o.children(parent.info.run_id)
     assert {s: kids[s].data.tags["tunewright.cache"] for s in UPSTREAM} == {s: "hit" for s in UPSTREAM}
