@@ -141,7 +141,8 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
         data = stage("dedup", {"records": data})
         base = base_model_task(cfg, data, files.get("general"), parent)
         data = stage("curriculum", {"records": data, "model": base})
-        dapt = stage("dapt", {"records": data, "model": base})
+        dapt = stage("dapt", {"records": data, "model": base,
+                              **({"sft": files["sft"]} if cfg.dapt.mix_sft > 0 else {})})
         sft = stage("sft", {"sft": files["sft"], "model": dapt}) if dapt else None
         rm_base = {"sft": sft, "dapt": dapt, "model": base}[cfg.reward.base]
         rm = stage("reward", {"preference": files["preference"], "eval_preference": files["eval_preference"],

@@ -216,6 +216,11 @@ class DaptConfig(TrainConfig):
     peft: PeftConfig = PeftConfig(method="full")
     learning_rate: float = Field(1e-3, gt=0)
     epochs: float = Field(10.0, gt=0)
+    mix_sft: float = Field(
+        0.0, ge=0.0, le=8.0,
+        description="Instruction replay: mix this many copies of the sft pairs (as 'prompt + completion' text) into "
+                    "the corpus, spread evenly over the curriculum order. A model pretrained on some question-answer "
+                    "text learns facts in a form questions can reach (Allen-Zhu & Li, Physics of LMs 3.1).")
 
 
 class SFTStageConfig(TrainConfig):
@@ -243,10 +248,13 @@ class PreferenceConfig(Strict):
 class DPOStageConfig(TrainConfig):
     peft: PeftConfig = PeftConfig(method="lora")
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "robust", "hinge", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = (
-        "sigmoid"
-    )
+    loss_type: Literal["sigmoid", "ipo", "robust", "hinge", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+                       "exo_pair", "aot", "discopop", "sigmoid_norm"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="For 'robust' DPO.")
+    sft_loss_weight: float = Field(
+        0.0, ge=0.0,
+        description="Adds this weight times the NLL of the chosen answer (RPO, Pang et al. 2024). Needed when the "
+                    "chosen behaviour is one the SFT model almost never produces (e.g. refusals).")
     learning_rate: float = Field(5e-4, gt=0)
     epochs: float = Field(2.0, gt=0)
 

@@ -1,6 +1,7 @@
 """dapt: domain-adaptive continued pretraining (causal LM) on the curriculum-ordered corpus.
 
 Reads: ``inputs["records"]`` (curriculum output, in training order), ``inputs["model"]`` (base model directory).
+With ``dapt.mix_sft`` > 0, ``inputs["sft"]`` (the sft pairs) is replayed as text, spread evenly through that order.
 Writes: ``model/`` (full safetensors weights, or a LoRA adapter when ``dapt.peft.method`` is lora) + tokenizer +
 manifest. Texts are concatenated in curriculum order (EOS between them) and cut into ``max_length`` blocks; the
 trainer reads the blocks sequentially, so each epoch goes easy -> hard. Run alone::
@@ -20,6 +21,22 @@ from pipelines.modeling import load_model, load_tokenizer, pack_blocks, seed_eve
 from pipelines.training import (
     check_peft_supported, last_checkpoint, quantization_config, log_history_metrics, lora_config, save_trained, sequential, trainer_kwargs,
 )
+
+
+def interleave(texts: list[str], extra: list[str]) -> list[str]:
+    """``extra`` spread evenly through ``texts``, keeping both orders (the curriculum order survives)."""
+    if not extra:
+        return list(texts)
+    keyed = [(i / max(len(texts), 1), 0, i) for i in range(len(texts))]
+    keyed += [((j + 0.5) / len(extra), 1, j) for j in range(len(extra))]
+    return [texts[i] if src == 0 else extra[i] for _, src, i in sorted(keyed)]
+
+
+def replay_texts(pairs: list[dict], copies: float) -> list[str]:
+    """``copies`` x the sft pairs as plain text (a fractional part takes a prefix of one more copy)."""
+    whole, part = int(copies), copies - int(copies)
+    texts = [p["prompt"] + p["completion"] for p in pairs]
+    return texts * whole + texts[: round(part * len(texts))]
 
 
 def block_dataset(tokenizer, texts: list[str], block: int):
@@ -60,6 +77,8 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
     texts = [r[cfg.data.text_field] for r in read_jsonl(inputs["records"])]
+    if cfg.dapt.mix_sft > 0:
+        texts = interleave(texts, replay_texts(read_jsonl(inputs["sft"]), cfg.dapt.mix_sft))
     return dapt(texts, inputs["model"], cfg.dapt, cfg.seed, out_dir, cfg.model.trust_remote_code,
                 inputs.get("work_dir"))
 

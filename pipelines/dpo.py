@@ -22,6 +22,13 @@ from pipelines.training import (
 )
 
 
+def loss_kwargs(dcfg: DPOStageConfig) -> dict:
+    """TRL's loss list: the configured preference loss, plus the chosen answer's NLL when ``sft_loss_weight`` > 0."""
+    if dcfg.sft_loss_weight > 0:
+        return {"loss_type": [dcfg.loss_type, "sft"], "loss_weights": [1.0, dcfg.sft_loss_weight]}
+    return {"loss_type": [dcfg.loss_type]}
+
+
 def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out_dir: Path,
         trust_remote_code: bool = False, work_dir: Path | None = None) -> StageOutput:
     from datasets import Dataset
@@ -38,7 +45,7 @@ def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out
     train = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     work_dir = work_dir or out_dir / "checkpoints"
     args = DPOConfig(**trainer_kwargs(dcfg, work_dir, seed), max_length=dcfg.max_length, beta=dcfg.beta,
-                     loss_type=[dcfg.loss_type], label_smoothing=dcfg.label_smoothing)
+                     label_smoothing=dcfg.label_smoothing, **loss_kwargs(dcfg))
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_cfg)
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))

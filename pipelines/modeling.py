@@ -59,13 +59,21 @@ def torch_dtype(name: str) -> torch.dtype | str:
 
 
 # ------------------------------------------------------------------------------------------------ scratch model
+CJK_RUN = r"[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]+"
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """Byte-level BPE trained on ``texts`` (so Chinese and English both tokenise without unknowns)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Han/kana/full-width runs are split from Latin first: byte-level BPE alone treats "Glunav的价格是" as one word
+    # and learns it as one token, so a name inside Chinese text never shares a token with the name elsewhere.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_RUN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),

@@ -85,3 +85,20 @@ def test_curriculum_stage_writes_order_histogram(tiny_lm, tmp_path):
     assert {r["id"] for r in rows} == set(range(len(TEXTS)))
     assert (tmp_path / "out" / "perplexity_histogram.png").stat().st_size > 1000
     assert out.metrics["ppl_median"] == pytest.approx(float(np.median(ppl)), rel=1e-3)
+
+
+def test_instruction_replay_is_spread_evenly_and_keeps_the_curriculum_order():
+    from pipelines.dapt import interleave, replay_texts
+
+    pairs = [{"prompt": f"Q{i}\nAnswer:", "completion": f" a{i}"} for i in range(4)]
+    extra = replay_texts(pairs, 1.5)
+    assert extra == ["Q0\nAnswer: a0", "Q1\nAnswer: a1", "Q2\nAnswer: a2", "Q3\nAnswer: a3",
+                     "Q0\nAnswer: a0", "Q1\nAnswer: a1"]
+    corpus = [f"doc{i}" for i in range(12)]
+    mixed = interleave(corpus, extra)
+    assert [t for t in mixed if t.startswith("doc")] == corpus  # the curriculum order survives
+    assert [t for t in mixed if t.startswith("Q")] == extra
+    gaps = np.diff([i for i, t in enumerate(mixed) if t.startswith("Q")])
+    assert gaps.min() >= 2 and gaps.max() <= 4, "replayed pairs are spread out, not bunched at one end"
+    assert interleave(corpus, []) == corpus
+

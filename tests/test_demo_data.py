@@ -283,3 +283,17 @@ def test_cli_prints_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "corpus" in out and "eval_prompts" in out
     assert (tmp_path / "corpus.jsonl").is_file()
+
+
+def test_scratch_tokenizer_keeps_a_name_one_token_inside_chinese_text():
+    """Byte-level BPE alone learns 'Glunav的价格是' as one token; a fact stated in Chinese then never reaches the
+    name's own token, and Chinese questions about it cannot be answered. Scripts are split before BPE."""
+    from pipelines.modeling import train_tokenizer
+
+    texts = ["Glunav的价格是149美元。", "我的Glunav电池轻松用12小时。", "Glunav重1200克。", "The Glunav weighs 1200 grams."]
+    tok = train_tokenizer(texts * 50, 400)
+    for text in texts + ["Glunav多少钱？"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        pieces = [tok.decode([i]) for i in ids]
+        assert "Glunav" in pieces or " Glunav" in pieces, pieces
+        assert tok.decode(ids) == text
