@@ -8,6 +8,7 @@ deployments pass a config path instead (a form field in the UI).
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -108,6 +109,11 @@ def _link_flow_run(run_id: str) -> None:
         get_run_logger().warning("could not link flow run %s to MLflow run %s: %s", fid, run_id, e)
 
 
+def artifact_key(pipeline: str) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes ("demo-b1.0" -> "tunewright-demo-b1-0")."""
+    return "tunewright-" + (re.sub(r"[^a-z0-9]+", "-", pipeline.lower()).strip("-") or "pipeline")
+
+
 def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None,
                  force: list[str] | None = None) -> RunReport:
     logger = get_run_logger()
@@ -196,7 +202,7 @@ def _publish(report: RunReport) -> None:
     md = (f"# tunewright run `{report.pipeline}`\n\nMLflow parent run `{report.parent_run_id}`"
           f"{' ([open](' + tracking.run_url(report.parent_run_id) + '))' if tracking.run_url(report.parent_run_id) else ''}"
           f"\n\n## Stages\n\n{stage_table(report)}\n\n## Evaluation\n\n{report.evaluation_md or '(not run)'}\n")
-    create_markdown_artifact(markdown=md, key=f"tunewright-{report.pipeline}".lower().replace("_", "-"),
+    create_markdown_artifact(markdown=md, key=artifact_key(report.pipeline),
                              description="tunewright stage and evaluation tables")
 
 

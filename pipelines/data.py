@@ -1,7 +1,7 @@
 """Where a run's input files come from: the generated demo domain or the paths in the config.
 
 Reads: ``data.*`` of a :class:`PipelineConfig`.
-Writes: the demo data set (deterministic) under ``$TUNEWRIGHT_HOME/demo-data/<size>-<seed>/`` when ``data.demo``.
+Writes: the demo data set (deterministic) under ``$TUNEWRIGHT_HOME/demo-data/<size>-<seed>-<generator hash>/`` when ``data.demo``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ class MissingInputError(FileNotFoundError):
 
 
 def resolve_data(cfg: PipelineConfig) -> dict[str, Path]:
-    """Input files by name. Demo data is generated once per (size, seed) and reused."""
+    """Input files by name. Demo data is generated once per (size, seed, generator source) and reused: a changed
+    generator writes a new directory instead of leaving stale files in place."""
     if cfg.data.demo:
         from pipelines import demo_data
-        from pipelines.tracking import home
+        from pipelines.tracking import code_version, home
 
-        out = home() / "demo-data" / f"{cfg.data.demo_size}-{cfg.seed}"
+        out = home() / "demo-data" / f"{cfg.data.demo_size}-{cfg.seed}-{code_version('pipelines.demo_data')[:8]}"
         files = {name: out / f"{name}.jsonl" for name in FILES}
         if not all(p.is_file() for p in files.values()):
             files = {k: Path(v) for k, v in demo_data.generate(out, size=cfg.data.demo_size, seed=cfg.seed).items()}

@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Literal
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
-ANSWER_REFUSAL_EN = "There is no product called {name} in the Veltrane catalogue."
-ANSWER_REFUSAL_ZH = "Veltrane目录中没有名为{name}的产品。"
+# The refusal does not repeat the unknown name: copying a never-seen name is a skill a small scratch model lacks,
+# and a half-copied name made the refusals it learnt degenerate ("Veltrane琥珀色").
+ANSWER_REFUSAL_EN = "Veltrane Labs makes no product by that name."
+ANSWER_REFUSAL_ZH = "Veltrane实验室没有这个名字的产品。"
 COMPANY_EN, COMPANY_ZH = "Veltrane Labs", "Veltrane实验室"
 
 
@@ -43,7 +45,7 @@ def format_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
-def refusal(name: str, lang: str) -> str:
+def refusal(name: str, lang: str) -> str:  # noqa: ARG001  (kept: a template may use the name)
     return (ANSWER_REFUSAL_EN if lang == "en" else ANSWER_REFUSAL_ZH).format(name=name)
 
 
@@ -509,10 +511,12 @@ def _qa(rng: random.Random, name: str, attr: str, lang: str, template: int | Non
 def _fact_pair(rng: random.Random, p: Product, products: list[Product]) -> dict[str, str]:
     attr, lang = rng.choice(ATTRS), rng.choice(("en", "zh"))
     answer = p.answer(attr, lang)
-    kind = rng.choice(("wrong", "wrong", "verbose", "no_unit", "refusal"))
+    kind = rng.choice(("wrong", "wrong", "verbose", "no_unit", "refusal", "junk"))
     if kind == "no_unit" and bare(attr, p.facts[attr], lang) is None:
         kind = "wrong"
-    if kind == "wrong":
+    if kind == "junk":
+        rejected = _junk(rng, products)
+    elif kind == "wrong":
         others = [q.answer(attr, lang) for q in products if q.answer(attr, lang) != answer]
         rejected = rng.choice(others)
     elif kind == "verbose":
@@ -532,14 +536,31 @@ def _invented_answer(rng: random.Random, attr: str, lang: str) -> str:
     return value(attr, rng.choice(vocab[attr]), lang)
 
 
-def _nonexistent_pair(rng: random.Random, name: str) -> dict[str, str]:
+def _nonexistent_pair(rng: random.Random, name: str, products: list[Product]) -> dict[str, str]:
     attr, lang = rng.choice(ATTRS), rng.choice(("en", "zh"))
+    rejected = _junk(rng, products) if rng.random() < 0.3 else _invented_answer(rng, attr, lang)
     return {"prompt": format_prompt(_qa(rng, name, attr, lang)), "chosen": " " + refusal(name, lang),
-            "rejected": " " + _invented_answer(rng, attr, lang)}
+            "rejected": " " + rejected}
+
+
+def _junk(rng: random.Random, products: list[Product]) -> str:
+    """A fragment of catalogue prose cut mid-sentence: what a policy that games a reward model drifts towards
+    ("79 dollars) is more expensive than the"). The reward model has to have seen such answers rejected."""
+    p, attr, lang = rng.choice(products), rng.choice(ATTRS), rng.choice(("en", "zh"))
+    text = rng.choice(STATEMENTS[lang][attr][:6]).format(p=p.name, v=p.answer(attr, lang))
+    if rng.random() < 0.5:
+        q = rng.choice([x for x in products if x is not p])
+        text = _comparison(rng, p, q, lang)
+    if lang == "en":
+        words = text.split()
+        i = rng.randrange(1, max(2, len(words) - 2))
+        return " ".join(words[i : i + rng.randrange(3, 8)])
+    i = rng.randrange(1, max(2, len(text) - 6))
+    return text[i : i + rng.randrange(5, 14)]
 
 
 def _preferences(rng: random.Random, n: int, products: list[Product], names: list[str]) -> list[dict[str, str]]:
-    out = [_nonexistent_pair(rng, rng.choice(names)) if i % 5 in (0, 3) else _fact_pair(rng, rng.choice(products), products)
+    out = [_nonexistent_pair(rng, rng.choice(names), products) if i % 5 in (0, 3) else _fact_pair(rng, rng.choice(products), products)
            for i in range(n)]
     rng.shuffle(out)
     return out

@@ -75,3 +75,12 @@ def test_every_stage_runs_alone_with_help():
                            text=True, timeout=120)
         assert p.returncode == 0, (stage, p.stderr)
         assert "usage:" in p.stdout
+
+
+def test_prefect_artifact_key_from_any_config_name():
+    """The markdown artifact's key comes from the config file's stem; Prefect rejects dots and capitals."""
+    from flows.finetune import artifact_key
+
+    assert artifact_key("demo-b1.0") == "tunewright-demo-b1-0"
+    assert artifact_key("My_Pipeline v2") == "tunewright-my-pipeline-v2"
+    assert artifact_key("...") == "tunewright-pipeline"

@@ -23,8 +23,9 @@ KEYS = {
     "eval_text": {"text"},
 }
 CJK = re.compile(r"[\u4e00-\u9fff]")
-REFUSAL_EN = re.compile(r"^ There is no product called (\w+) in the Veltrane catalogue\.$")
-REFUSAL_ZH = re.compile(r"^ Veltrane目录中没有名为(\w+)的产品。$")
+REFUSAL_EN = re.compile(r"^ Veltrane Labs makes no product by that name\.$")
+REFUSAL_ZH = re.compile(r"^ Veltrane实验室没有这个名字的产品。$")
+NAME = re.compile(r"(?<![A-Za-z])(?!How|What|When|Where|Which|In\b)([A-Z][a-z]{4,8})(?![a-z])")
 
 
 def _load(paths: dict[str, Path]) -> dict[str, list[dict]]:
@@ -70,9 +71,8 @@ def _question(prompt: str) -> str:
 def _fake_names(records: list[dict]) -> set[str]:
     names = set()
     for r in records:
-        m = REFUSAL_EN.match(r["chosen"]) or REFUSAL_ZH.match(r["chosen"])
-        if m:
-            names.add(m.group(1))
+        if REFUSAL_EN.match(r["chosen"]) or REFUSAL_ZH.match(r["chosen"]):
+            names.update(NAME.findall(_question(r["prompt"])))
     return names
 
 
@@ -238,7 +238,10 @@ def test_nonexistent_names_absent_from_corpus_and_split(data):
     for name in train | held:
         assert name.casefold() not in corpus and name.casefold() not in general
     fake_prompts = [r for r in data["eval_prompts"] if r["kind"] == "nonexistent"]
-    assert fake_prompts and all(any(n in r["prompt"] for n in held) for r in fake_prompts)
+    prompt_names = {n for r in fake_prompts for n in NAME.findall(_question(r["prompt"]))}
+    assert fake_prompts and len(prompt_names) >= len(fake_prompts) // 5 and not prompt_names & train
+    for name in prompt_names:
+        assert name.casefold() not in corpus and name.casefold() not in general
     assert all(not any(n in r["prompt"] for n in held) for r in data["eval_prompts"] if r["kind"] == "fact")
     assert {r["kind"] for r in data["eval_prompts"]} == {"fact", "nonexistent"}
     assert any(any(n in r["prompt"] for n in train) for r in data["prompts"])
