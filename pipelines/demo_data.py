@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Literal
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
-# The refusal does not repeat the unknown name: copying a never-seen name is a skill a small scratch model lacks,
-# and a half-copied name made the refusals it learnt degenerate ("Veltrane琥珀色").
-ANSWER_REFUSAL_EN = "Veltrane Labs makes no product by that name."
-ANSWER_REFUSAL_ZH = "Veltrane实验室没有这个名字的产品。"
+# The refusal repeats no name (copying a never-seen name is beyond a small scratch model) and is everyday language
+# the general corpus also uses, so the scratch tokenizer has its words ("Unknown" was cut into bytes and garbled).
+ANSWER_REFUSAL_EN = "Sorry, there is no such product."
+ANSWER_REFUSAL_ZH = "没有这样的产品。"
 COMPANY_EN, COMPANY_ZH = "Veltrane Labs", "Veltrane实验室"
 
 
@@ -467,8 +467,16 @@ def build_general(rng: random.Random, n: int) -> list[dict[str, str]]:
         tens, ones = divmod(x, 10)
         return ("" if tens == 1 else digits[tens]) + "十" + (digits[ones] if ones else "")
 
+    things = (("shop", "商店"), ("street", "街道"), ("museum", "博物馆"), ("restaurant", "餐厅"), ("bus line", "公交线路"),
+              ("product", "产品"), ("book", "书"))
+
     def sentence(lang: str) -> str:
-        kind = rng.randrange(7)
+        kind = rng.randrange(8)
+        if kind == 7:  # everyday "there is no such ..." language, as any general corpus has
+            th, c = rng.choice(things), rng.choice(cities)
+            if rng.random() < 0.5:
+                return (f"Sorry, there is no such {th[0]} in {c[0]}." if lang == "en" else f"{c[1]}没有这样的{th[1]}。")
+            return f"Sorry, there is no such {th[0]}." if lang == "en" else f"没有这样的{th[1]}。"
         if kind == 0:
             c, w, t = rng.choice(cities), rng.choice(weather), rng.randrange(-5, 36)
             return (f"It is {w[0]} in {c[0]} today, with a high of {t} degrees." if lang == "en"
@@ -518,6 +526,8 @@ def _fact_pair(rng: random.Random, p: Product, products: list[Product]) -> dict[
         rejected = _junk(rng, products)
     elif kind == "wrong":
         others = [q.answer(attr, lang) for q in products if q.answer(attr, lang) != answer]
+        while not others:  # every product shares this value (small sizes): a wrong value from the vocabulary
+            others = [a for a in [_invented_answer(rng, attr, lang)] if a != answer]
         rejected = rng.choice(others)
     elif kind == "verbose":
         stmt = STATEMENTS[lang][attr][rng.randrange(3)].format(p=p.name, v=answer)

@@ -23,8 +23,8 @@ KEYS = {
     "eval_text": {"text"},
 }
 CJK = re.compile(r"[\u4e00-\u9fff]")
-REFUSAL_EN = re.compile(r"^ Veltrane Labs makes no product by that name\.$")
-REFUSAL_ZH = re.compile(r"^ Veltrane实验室没有这个名字的产品。$")
+REFUSAL_EN = re.compile(r"^ Sorry, there is no such product\.$")
+REFUSAL_ZH = re.compile(r"^ 没有这样的产品。$")
 NAME = re.compile(r"(?<![A-Za-z])(?!How|What|When|Where|Which|In\b)([A-Z][a-z]{4,8})(?![a-z])")
 
 
