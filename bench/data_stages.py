@@ -368,6 +368,9 @@ def corpus(n: int, seed: int = 1) -> list[str]:
     return out
 
 
+TRACE = True
+
+
 def _peak() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
 
@@ -414,9 +417,10 @@ def method(name: str, n: int) -> dict:
         stats = {"embed_s": t1 - t0, "search_s": time.perf_counter() - t1, "lexical_s": 0.0, "verify_s": 0.0,
                  "candidate_pairs": 0, "lexical_pairs": 0}
     else:
-        tracemalloc.start()
+        if TRACE:  # tracemalloc slows the Python-heavy parts (verification, shingles) 2-4x: --no-trace for timings
+            tracemalloc.start()
         keep, removed, stats = find_duplicates(texts, DedupConfig(), progress=False)
-        search_peak = tracemalloc.get_traced_memory()[1] / 2**20
+        search_peak = tracemalloc.get_traced_memory()[1] / 2**20 if TRACE else float("nan")
         tracemalloc.stop()
         twin = {x["removed_index"]: x["kept_index"] for x in removed}
     dt = time.perf_counter() - t0
@@ -426,7 +430,8 @@ def method(name: str, n: int) -> dict:
 
 
 def _sub(name: str, n: int) -> dict:
-    p = subprocess.run([sys.executable, "-m", "bench.data_stages", "_method", name, "--n", str(n)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "bench.data_stages", "_method", name, "--n", str(n),
+                        *([] if TRACE else ["--no-trace"])], cwd=ROOT,
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"{name} failed:\n{p.stderr[-2000:]}")
@@ -440,7 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--skip-naive-dedup", action="store_true")
     ap.add_argument("--skip-dedup", action="store_true")
+    ap.add_argument("--no-trace", action="store_true", help="time dedup without tracemalloc (no traced peak)")
     a = ap.parse_args(argv)
+    global TRACE
+    TRACE = not a.no_trace
     if a.cmd == "make-eval":
         PII_EVAL.parent.mkdir(parents=True, exist_ok=True)
         PII_EVAL.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in make_pii_eval()), "utf-8")

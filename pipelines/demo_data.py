@@ -519,11 +519,20 @@ def _qa(rng: random.Random, name: str, attr: str, lang: str, template: int | Non
 def _fact_pair(rng: random.Random, p: Product, products: list[Product]) -> dict[str, str]:
     attr, lang = rng.choice(ATTRS), rng.choice(("en", "zh"))
     answer = p.answer(attr, lang)
-    kind = rng.choice(("wrong", "wrong", "verbose", "no_unit", "refusal", "junk"))
+    # Rejections cover the ways a policy can please a naive reward model: other products' values, hedging, no unit,
+    # refusing a real product, prose fragments, another attribute's value, the other language's answer.
+    kind = rng.choice(("wrong", "wrong", "verbose", "no_unit", "refusal", "junk", "off_attr", "other_lang"))
     if kind == "no_unit" and bare(attr, p.facts[attr], lang) is None:
         kind = "wrong"
+    other_lang = "zh" if lang == "en" else "en"
+    if kind == "other_lang" and p.answer(attr, other_lang) == answer:  # city names are the same in both
+        kind = "off_attr"
     if kind == "junk":
         rejected = _junk(rng, products)
+    elif kind == "off_attr":
+        rejected = p.answer(rng.choice([a for a in ATTRS if a != attr]), lang)
+    elif kind == "other_lang":
+        rejected = p.answer(attr, other_lang)
     elif kind == "wrong":
         others = [q.answer(attr, lang) for q in products if q.answer(attr, lang) != answer]
         while not others:  # every product shares this value (small sizes): a wrong value from the vocabulary

@@ -172,7 +172,11 @@ def evaluate(models: dict[str, Path], reward_dir: Path | None, eval_text: list[s
                 if name == "sft":
                     continue
                 r = score(rm, rm_tok, prompts, [" " + a.strip() for a in answers])
-                table[name]["rm_win_rate_vs_sft"] = float(((r > r_sft).float() + 0.5 * (r == r_sft).float()).mean())
+                wins = (r > r_sft).float() + 0.5 * (r == r_sft).float()
+                table[name]["rm_win_rate_vs_sft"] = float(wins.mean())
+                for kind in sorted({p.get("kind") for p in eval_prompts} - {None}):  # e.g. fact / nonexistent
+                    sel = torch.tensor([p.get("kind") == kind for p in eval_prompts])
+                    table[name][f"rm_win_rate_vs_sft_{kind}"] = float(wins[sel].mean())
                 table[name]["rm_mean_reward"] = float(r.mean())
             table["sft"]["rm_mean_reward"] = float(r_sft.mean())
     out_dir.mkdir(parents=True, exist_ok=True)

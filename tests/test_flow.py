@@ -62,6 +62,13 @@ def test_first_run_computes_every_stage(first):
         for metric in ("domain_ppl", "qa_exact_match", "qa_rouge_l"):
             assert f"{ck}/{metric}" in m, f"{ck}/{metric} missing"
     assert 0.0 <= m["dpo/rm_win_rate_vs_sft"] <= 1.0
+    # the win rate split by prompt kind; the overall rate is their prompt-weighted mean
+    from pipelines.artifacts import read_jsonl
+    from pipelines.data import resolve_data
+
+    kinds = [p["kind"] for p in read_jsonl(resolve_data(cfg)["eval_prompts"])]
+    split = sum(kinds.count(k) * m[f"dpo/rm_win_rate_vs_sft_{k}"] for k in set(kinds)) / len(kinds)
+    assert split == pytest.approx(m["dpo/rm_win_rate_vs_sft"], abs=1e-6)
     assert m["dpo/kl_to_sft"] == pytest.approx(m["dpo/kl_to_sft"])  # finite
     assert 0.0 <= m["reward/pairwise_accuracy"] <= 1.0
     assert m["dapt/domain_ppl"] < m["base/domain_ppl"], "even one tiny epoch of dapt lowers domain perplexity"
