@@ -27,7 +27,7 @@ from pathlib import Path
 from pipelines import demo_data
 from pipelines.artifacts import read_jsonl
 from pipelines.config import load_config
-from pipelines.dapt import replay_texts
+from pipelines.dapt import dapt, replay_texts
 from pipelines.evaluate import domain_perplexity, generate, normalize_answer
 from pipelines.modeling import build_scratch, load_model, load_tokenizer, merge_adapter
 from pipelines.sft import sft
@@ -108,8 +108,6 @@ def main(argv: list[str] | None = None) -> None:
         texts += replay_texts(sft_pairs, a.mix_sft)
         random.Random(cfg.seed).shuffle(texts)
     dcfg = cfg.dapt.model_copy(update={k: v for k, v in (("epochs", a.epochs), ("learning_rate", a.lr)) if v})
-    from pipelines.dapt import dapt
-
     t = time.time()
     dapt(texts, a.work / "base", dcfg, cfg.seed, a.work / f"dapt_{a.tag}", work_dir=a.work / f"dapt_{a.tag}_ckpt")
     print(f"dapt {time.time() - t:.0f}s", flush=True)

@@ -45,8 +45,8 @@ def format_prompt(question: str) -> str:
     return PROMPT_TEMPLATE.format(question=question)
 
 
-def refusal(name: str, lang: str) -> str:  # noqa: ARG001  (kept: a template may use the name)
-    return (ANSWER_REFUSAL_EN if lang == "en" else ANSWER_REFUSAL_ZH).format(name=name)
+def refusal(lang: str) -> str:
+    return ANSWER_REFUSAL_EN if lang == "en" else ANSWER_REFUSAL_ZH
 
 
 def normalize_answer(s: str) -> str:
@@ -545,7 +545,7 @@ def _fact_pair(rng: random.Random, p: Product, products: list[Product]) -> dict[
     elif kind == "no_unit":
         rejected = str(bare(attr, p.facts[attr], lang))
     else:
-        rejected = refusal(p.name, lang)
+        rejected = refusal(lang)
     return {"prompt": format_prompt(_qa(rng, p.name, attr, lang)), "chosen": " " + answer, "rejected": " " + rejected}
 
 
@@ -558,7 +558,7 @@ def _invented_answer(rng: random.Random, attr: str, lang: str) -> str:
 def _nonexistent_pair(rng: random.Random, name: str, products: list[Product]) -> dict[str, str]:
     attr, lang = rng.choice(ATTRS), rng.choice(("en", "zh"))
     rejected = _junk(rng, products) if rng.random() < 0.3 else _invented_answer(rng, attr, lang)
-    return {"prompt": format_prompt(_qa(rng, name, attr, lang)), "chosen": " " + refusal(name, lang),
+    return {"prompt": format_prompt(_qa(rng, name, attr, lang)), "chosen": " " + refusal(lang),
             "rejected": " " + rejected}
 
 

@@ -246,20 +246,14 @@ def verify_saved(model_dir: Path, inputs: dict[str, Path], probes: dict[str, Any
                  trust_remote_code: bool = False) -> None:
     """Load what was saved, without DeepSpeed, and insist it behaves like the model that was trained."""
     import torch
-    from safetensors import safe_open
 
-    from pipelines.modeling import check_saved, load_model, load_tokenizer, read_manifest
+    from pipelines.modeling import check_saved, load_model, load_tokenizer, read_manifest, require_score_head
 
     check_saved(model_dir)  # no weights, .bin weights, empty tensors
     manifest = read_manifest(model_dir)
     task = manifest.get("task", "causal_lm")
     if task == "reward":
-        keys: set[str] = set()
-        for f in model_dir.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as st:
-                keys |= set(st.keys())
-        if not any("score" in k for k in keys):
-            raise RuntimeError(f"{model_dir}: the saved reward model has no score head")
+        require_score_head(model_dir)
     if not probes:
         raise RuntimeError(f"{model_dir}: the job recorded no outputs of the trained model to compare with")
     dtype = probes["dtype"]

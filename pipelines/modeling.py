@@ -202,6 +202,18 @@ def save_model(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> Non
         raise
 
 
+def require_score_head(model_dir: Path) -> None:
+    """A saved reward model must carry its score head (a classifier saved without it scores at random)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            keys |= set(st.keys())
+    if not any("score" in k for k in keys):
+        raise RuntimeError(f"{model_dir}: the saved reward model has no score head")
+
+
 def check_saved(model_dir: Path) -> None:
     """Fail loudly on the classic broken saves: no weights, pickled weights, empty tensors (ZeRO-3 adapters)."""
     from safetensors import safe_open

@@ -90,14 +90,9 @@ def reward(pairs: list[dict], eval_pairs: list[dict], model_dir: Path, rcfg: Rew
 
 def _check_score_head(saved: Path, live, tokenizer, pairs: list[dict]) -> None:
     """Reload what was saved, without the trainer, and insist it scores like the live model (head present)."""
-    from safetensors import safe_open
+    from pipelines.modeling import require_score_head
 
-    keys: set[str] = set()
-    for f in saved.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            keys |= set(st.keys())
-    if not any("score" in k for k in keys):
-        raise RuntimeError(f"{saved}: the saved reward model has no score head")
+    require_score_head(saved)
     if (saved / "adapter_config.json").exists() or not pairs:
         return  # an adapter is checked once merged (tasks/), where its base is available
     reloaded = load_model(saved, task="reward")

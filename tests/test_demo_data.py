@@ -273,7 +273,7 @@ def test_normalize_answer():
     assert dd.normalize_answer("  129   Dollars. ") == "129 dollars"
     assert dd.normalize_answer("129美元。") == "129美元"
     assert dd.normalize_answer("Norvald") == dd.normalize_answer(" norvald.")
-    assert dd.refusal("Zibbo", "en") == dd.ANSWER_REFUSAL_EN.format(name="Zibbo")
+    assert dd.refusal("en") == dd.ANSWER_REFUSAL_EN and dd.refusal("zh") == dd.ANSWER_REFUSAL_ZH
 
 
 def test_checksums():
