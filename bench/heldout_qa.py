@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import random
 import re
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=float)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--scratch", default="{}", help="JSON overrides of model.scratch (changes need a new --work)")
+    ap.add_argument("--sizes", default="{}", help="JSON overrides of demo_data.SIZES['full'] (need a new --work)")
     a = ap.parse_args(argv)
+    demo_data.SIZES["full"] = dataclasses.replace(demo_data.SIZES["full"], **json.loads(a.sizes))
     cfg = load_config(ROOT / "pipelines" / "configs" / "demo.yaml")
     scratch = cfg.model.scratch.model_copy(update=json.loads(a.scratch))
     files = demo_data.generate(a.work / "data", "full", cfg.seed)

@@ -3,8 +3,8 @@
 Reads: ``inputs["records"]`` (curriculum output, in training order), ``inputs["model"]`` (base model directory).
 With ``dapt.mix_sft`` > 0, ``inputs["sft"]`` (the sft pairs) is replayed as text, spread evenly through that order.
 Writes: ``model/`` (full safetensors weights, or a LoRA adapter when ``dapt.peft.method`` is lora) + tokenizer +
-manifest. Texts are concatenated in curriculum order (EOS between them) and cut into ``max_length`` blocks; the
-trainer reads the blocks sequentially, so each epoch goes easy -> hard. Run alone::
+manifest. Whole texts are packed in curriculum order into ``max_length`` rows, each text attending only to itself
+(``modeling.pack_documents``); the trainer reads the rows sequentially, so each epoch goes easy -> hard. Run alone::
 
     python -m pipelines.dapt RECORDS.jsonl MODEL_DIR OUT_DIR [--epochs 3]
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipelines.artifacts import StageOutput, read_jsonl
 from pipelines.config import DaptConfig, PipelineConfig
-from pipelines.modeling import load_model, load_tokenizer, pack_blocks, seed_everything
+from pipelines.modeling import load_model, load_tokenizer, pack_documents, seed_everything
 from pipelines.training import (
     check_peft_supported, last_checkpoint, quantization_config, log_history_metrics, lora_config, save_trained, sequential, trainer_kwargs,
 )
@@ -42,8 +42,7 @@ def replay_texts(pairs: list[dict], copies: float) -> list[str]:
 def block_dataset(tokenizer, texts: list[str], block: int):
     from datasets import Dataset
 
-    blocks = [b for b in pack_blocks(tokenizer, texts, block) if len(b) == block]  # drop the short tail
-    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    return Dataset.from_list(pack_documents(tokenizer, texts, block))
 
 
 def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir: Path,
@@ -62,13 +61,16 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
 
         model = get_peft_model(model, peft_cfg)
     train = block_dataset(tokenizer, texts, dcfg.max_length)
+    # Packed rows rely on position_ids for the block-diagonal mask, which transformers skips when a KV cache is made.
+    model.config.use_cache = False
     work_dir = work_dir or out_dir / "checkpoints"
     args = TrainingArguments(**trainer_kwargs(dcfg, work_dir, seed))
     trainer = sequential(Trainer)(model=model, args=args, train_dataset=train)
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     metrics = log_history_metrics(trainer)
+    model.config.use_cache = True
     metrics["train_blocks"] = float(len(train))
-    metrics["train_tokens_per_epoch"] = float(sum(len(b) for b in train["input_ids"]))
+    metrics["train_tokens_per_epoch"] = float(sum(sum(x != -100 for x in b) + 1 for b in train["labels"]))
     save_trained(trainer.model, tokenizer, out_dir / "model",
                  {"stage": "dapt", "task": "causal_lm", "config": dcfg.model_dump(), "metrics": metrics})
     return StageOutput(primary="model", metrics=metrics,

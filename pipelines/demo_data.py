@@ -8,10 +8,12 @@ byte-identical files:
                       line, plain sentence, internal note, FAQ, review, comparison) in EN and ZH, with planted PII in
                       ~10% of documents, planted near-duplicates (~10%) and PII look-alikes (versions, orders, dates).
 - ``general``         ``{"text"}`` generic non-domain text to pretrain a scratch base model.
-- ``sft``             ``{"prompt", "completion"}`` questions about ~60% of the products.
-- ``eval_qa``         ``{"question", "answer", "lang", "product"}`` the other products' facts (same templates).
+- ``sft``             ``{"prompt", "completion"}`` questions about part of every product's facts (4 of 7
+                      attributes per product, both languages).
+- ``eval_qa``         ``{"question", "answer", "lang", "product"}`` the rest: facts no sft pair asks about, which
+                      only the corpus states (same question templates).
 - ``preference``      ``{"prompt", "chosen", "rejected"}`` refusal for non-existent products, concise answers.
-- ``eval_preference`` held-out pairs of the same kinds (other products, other non-existent names).
+- ``eval_preference`` held-out pairs of the same kinds (held-out facts, other non-existent names).
 - ``prompts``         ``{"prompt"}`` rollout prompts for ppo/grpo.
 - ``eval_prompts``    ``{"prompt", "kind"}`` held-out prompts, kind "fact" or "nonexistent".
 - ``eval_text``       ``{"text"}`` held-out domain sentences for perplexity: for each fact, a phrasing of the
@@ -200,6 +202,15 @@ STATEMENTS = {
                      "购买{p}的顾客可以享受{v}的保修。"),
     },
 }
+# Profile documents: the name once, then every fact through a pronoun, so the facts have to be read off the name
+# from a distance (as a question does), not only from the token right before the attribute.
+PROFILE = {
+    "en": {"price": "It costs {v}.", "weight": "It weighs {v}.", "battery": "Its battery lasts {v}.",
+           "colour": "It comes in {v}.", "year": "It was launched in {v}.", "city": "It is made in {v}.",
+           "warranty": "It has a warranty of {v}."},
+    "zh": {"price": "它的价格是{v}。", "weight": "它重{v}。", "battery": "它的电池可以使用{v}。", "colour": "它是{v}的。",
+           "year": "它于{v}上市。", "city": "它在{v}生产。", "warranty": "它的保修期是{v}。"},
+}
 KINDS = ("plain", "plain", "plain", "note", "faq", "review", "heldout")
 SOURCE = {"plain": "description", "note": "note", "faq": "faq", "review": "review"}
 NOTE_PREFIX = {"en": "Internal note: ", "zh": "内部备注："}
@@ -229,7 +240,7 @@ class Product:
 @dataclass(frozen=True)
 class Sizes:
     products: int
-    sft_products: int
+    heldout_attrs: int  # per product: attributes no sft pair asks about (held-out QA asks about them)
     nonexistent_train: int
     nonexistent_eval: int
     kinds_per_fact: int  # corpus statements per fact and language (out of plain x3, note, faq, review)
@@ -241,11 +252,12 @@ class Sizes:
     eval_prompts: int
     eval_text: int
     general: int
+    profiles: int = 0  # per product and language: one document, intro then every fact with a pronoun, shuffled
 
 
 SIZES = {
-    "full": Sizes(24, 14, 30, 15, 5, 60, 140, 600, 150, 200, 100, 140, 1000),
-    "tiny": Sizes(8, 5, 4, 3, 3, 12, 30, 60, 20, 20, 12, 20, 100),
+    "full": Sizes(24, 3, 30, 15, 5, 60, 140, 600, 150, 200, 100, 140, 1000),
+    "tiny": Sizes(8, 3, 4, 3, 3, 12, 30, 60, 20, 20, 12, 20, 100),
 }
 
 
@@ -334,7 +346,8 @@ def _catalogue(p: Product, lang: str) -> str:
 
 def _intro(p: Product, lang: str) -> str:
     if lang == "en":
-        return f"The {p.name} is a {p.category[0]} from {COMPANY_EN}."
+        art = "an" if p.category[0][0] in "aeiou" else "a"
+        return f"The {p.name} is {art} {p.category[0]} from {COMPANY_EN}."
     return f"{p.name}是{COMPANY_ZH}出品的{p.category[1]}。"
 
 
@@ -394,6 +407,10 @@ def build_corpus(rng: random.Random, products: list[Product], sz: Sizes,
     for p in products:
         for lang in ("en", "zh"):
             docs.append((_catalogue(p, lang), "catalogue", lang, int(p.facts["price"])))
+            for _ in range(sz.profiles):
+                order = rng.sample(ATTRS, len(ATTRS))
+                sents = [_intro(p, lang)] + [PROFILE[lang][a].format(v=p.answer(a, lang)) for a in order]
+                docs.append(((" " if lang == "en" else "").join(sents), "profile", lang, int(p.facts["price"])))
             by_source: dict[str, list[str]] = {"description": [], "note": [], "faq": [], "review": []}
             for attr in ATTRS:
                 tmpl = STATEMENTS[lang][attr]
@@ -516,8 +533,8 @@ def _qa(rng: random.Random, name: str, attr: str, lang: str, template: int | Non
     return qs[rng.randrange(len(qs)) if template is None else template].format(p=name)
 
 
-def _fact_pair(rng: random.Random, p: Product, products: list[Product]) -> dict[str, str]:
-    attr, lang = rng.choice(ATTRS), rng.choice(("en", "zh"))
+def _fact_pair(rng: random.Random, p: Product, attr: str, products: list[Product]) -> dict[str, str]:
+    lang = rng.choice(("en", "zh"))
     answer = p.answer(attr, lang)
     # Rejections cover the ways a policy can please a naive reward model: other products' values, hedging, no unit,
     # refusing a real product, prose fragments, another attribute's value, the other language's answer.
@@ -578,21 +595,24 @@ def _junk(rng: random.Random, products: list[Product]) -> str:
     return text[i : i + rng.randrange(5, 14)]
 
 
-def _preferences(rng: random.Random, n: int, products: list[Product], names: list[str]) -> list[dict[str, str]]:
-    out = [_nonexistent_pair(rng, rng.choice(names), products) if i % 5 in (0, 3) else _fact_pair(rng, rng.choice(products), products)
-           for i in range(n)]
+def _preferences(rng: random.Random, n: int, facts: list[tuple[Product, str]], names: list[str],
+                 products: list[Product]) -> list[dict[str, str]]:
+    out = [_nonexistent_pair(rng, rng.choice(names), products) if i % 5 in (0, 3)
+           else _fact_pair(rng, *rng.choice(facts), products) for i in range(n)]
     rng.shuffle(out)
     return out
 
 
-def _prompts(rng: random.Random, n: int, products: list[Product], names: list[str]) -> list[dict[str, str]]:
+def _prompts(rng: random.Random, n: int, facts: list[tuple[Product, str]], names: list[str]) -> list[dict[str, str]]:
     out = []
     for i in range(n):
-        lang, attr = rng.choice(("en", "zh")), rng.choice(ATTRS)
+        lang = rng.choice(("en", "zh"))
         if i % 10 < 3:
+            attr = rng.choice(ATTRS)
             out.append({"prompt": format_prompt(_qa(rng, rng.choice(names), attr, lang)), "kind": "nonexistent"})
         else:
-            out.append({"prompt": format_prompt(_qa(rng, rng.choice(products).name, attr, lang)), "kind": "fact"})
+            p, attr = rng.choice(facts)
+            out.append({"prompt": format_prompt(_qa(rng, p.name, attr, lang)), "kind": "fact"})
     rng.shuffle(out)
     return out
 
@@ -618,13 +638,19 @@ def build(size: Literal["full", "tiny"] = "full", seed: int = 0) -> dict[str, li
     # Non-existent names: the unused part of the pool, minus any name that happens to occur in the corpus.
     fake = [n for n in names[sz.products:] if n.casefold() not in blob]
     fake_train, fake_eval = fake[: sz.nonexistent_train], fake[sz.nonexistent_train : sz.nonexistent_train + sz.nonexistent_eval]
-    train_p, eval_p = products[: sz.sft_products], products[sz.sft_products :]
+    # Held-out facts: per product, ``heldout_attrs`` attributes (both languages) that no sft pair, preference pair
+    # or rollout prompt asks about, spread so that every attribute is held out for about as many products.
+    order = rng.sample(ATTRS, len(ATTRS))
+    k = sz.heldout_attrs
+    held = {p.name: {order[(i * k + j) % len(ATTRS)] for j in range(k)} for i, p in enumerate(products)}
+    train_f = [(p, a) for p in products for a in ATTRS if a not in held[p.name]]
+    eval_f = [(p, a) for p in products for a in ATTRS if a in held[p.name]]
 
     sft = [{"prompt": format_prompt(_qa(rng, p.name, a, lang, t)), "completion": " " + p.answer(a, lang)}
-           for p in train_p for a in ATTRS for lang in ("en", "zh") for t in range(len(QUESTIONS[lang][a]))]
+           for p, a in train_f for lang in ("en", "zh") for t in range(len(QUESTIONS[lang][a]))]
     rng.shuffle(sft)
     qa_all = [{"question": _qa(rng, p.name, a, lang), "answer": p.answer(a, lang), "lang": lang, "product": p.name}
-              for p in eval_p for a in ATTRS for lang in ("en", "zh")]
+              for p, a in eval_f for lang in ("en", "zh")]
     eval_qa = [qa_all[i] for i in sorted(rng.sample(range(len(qa_all)), min(sz.eval_qa, len(qa_all))))]
     # Held-out domain text: phrasings of the corpus's own kinds that the corpus left out for that fact.
     unused = [u for u in unused if u.casefold() not in blob]  # ZH templates can nest inside each other
@@ -634,10 +660,10 @@ def build(size: Literal["full", "tiny"] = "full", seed: int = 0) -> dict[str, li
         "general": build_general(rng, sz.general),
         "sft": sft,
         "eval_qa": eval_qa,
-        "preference": _preferences(rng, sz.preference, train_p, fake_train),
-        "eval_preference": _preferences(rng, sz.eval_preference, eval_p, fake_eval),
-        "prompts": [{"prompt": r["prompt"]} for r in _prompts(rng, sz.prompts, train_p, fake_train)],
-        "eval_prompts": _prompts(rng, sz.eval_prompts, eval_p, fake_eval),
+        "preference": _preferences(rng, sz.preference, train_f, fake_train, products),
+        "eval_preference": _preferences(rng, sz.eval_preference, eval_f, fake_eval, products),
+        "prompts": [{"prompt": r["prompt"]} for r in _prompts(rng, sz.prompts, train_f, fake_train)],
+        "eval_prompts": _prompts(rng, sz.eval_prompts, eval_f, fake_eval),
         "eval_text": eval_text,
     }
 

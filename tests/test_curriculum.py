@@ -70,6 +70,35 @@ def test_curriculum_order_reaches_the_trainer(tiny_lm, tmp_path):
     assert shuffled != ds["input_ids"], "the default trainer shuffles: the sequential one is what keeps the order"
 
 
+def test_dapt_rows_pack_whole_documents_that_only_see_themselves(tiny_lm):
+    """Each packed document is computed exactly as if it were alone: no attention to the documents before it (a
+    model that can see them memorises the fixed stream instead of each fact), and no loss on its first token."""
+    from pipelines.dapt import block_dataset
+
+    model, tok = tiny_lm
+    texts = [TEXTS[i % len(TEXTS)] * (1 + i % 3) for i in range(12)]
+    ds = block_dataset(tok, texts, 48)
+    assert all(len(r) == 48 for r in ds["input_ids"])
+    docs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    # Every document's tokens appear, in order, each starting at position 0.
+    flat = [(i, p) for row, pos in zip(ds["input_ids"], ds["position_ids"]) for i, p in zip(row, pos)]
+    starts = [k for k, (_, p) in enumerate(flat) if p == 0]
+    got = [[i for i, _ in flat[a:b]] for a, b in zip(starts, starts[1:] + [len(flat)])]
+    pieces = [d[j: j + 48] for d in docs for j in range(0, len(d), 48)]
+    assert [g for g in got if set(g) != {tok.pad_token_id}] == pieces  # the rest is each row's padding tail
+    for row, labels, pos in zip(ds["input_ids"], ds["labels"], ds["position_ids"]):
+        assert all(lab == -100 for lab, p in zip(labels, pos) if p == 0)
+        assert all(lab in (-100, i) for lab, i in zip(labels, row))
+    # The second document of the first row, packed vs alone: same logits.
+    row, pos = ds["input_ids"][0], ds["position_ids"][0]
+    second = [k for k, p in enumerate(pos) if p == 0][1]
+    n = len(docs[1])
+    with torch.no_grad():
+        packed = model(input_ids=torch.tensor([row]), position_ids=torch.tensor([pos]), use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([docs[1]])).logits[0]
+    assert torch.allclose(packed[second: second + n], alone, atol=1e-4)
+
+
 def test_curriculum_stage_writes_order_histogram(tiny_lm, tmp_path):
     from pipelines.artifacts import read_jsonl
     from pipelines.curriculum import curriculum

@@ -109,18 +109,17 @@ def test_full_sizes_fit_the_compute_budget(full):
     # 24 products: small enough that a 4-layer model memorises their facts in ~2 CPU minutes of dapt
     assert 1000 <= n["corpus"] <= 2000
     assert sum(len(r["text"]) for r in d["corpus"]) < 300_000
-    assert n["sft"] == 14 * 7 * 2 * 2 and n["eval_qa"] == 10 * 7 * 2
+    assert n["sft"] == 24 * 4 * 2 * 2 and n["eval_qa"] == 140  # 4 of 7 attributes per product asked in sft
     assert 400 <= n["preference"] <= 800 and 100 <= n["eval_preference"] <= 200
     assert n["prompts"] == 200 and n["eval_prompts"] == 100 and n["eval_text"] == 140
     assert 300 <= n["general"] <= 2000
-    products = {r["product"] for r in d["eval_qa"]}
-    assert len(products) == 10
+    assert len({r["product"] for r in d["eval_qa"]}) == 24  # every product has held-out facts
 
 
 def test_tiny_is_small(tiny):
     _, d = tiny
     assert 100 <= len(d["corpus"]) <= 400
-    assert len({r["product"] for r in d["eval_qa"]}) == 3
+    assert len({r["product"] for r in d["eval_qa"]}) == 8
 
 
 def test_prompt_format_and_leading_space(data):
@@ -150,10 +149,27 @@ def test_both_languages_everywhere(data):
         assert bool(CJK.search(r["question"])) == (r["lang"] == "zh")
 
 
-def test_eval_qa_products_never_asked_in_sft(data):
-    held = {r["product"] for r in data["eval_qa"]}
-    sft_text = "\n".join(r["prompt"] for r in data["sft"])
-    assert held and not any(p in sft_text for p in held)
+def _fact(prompt_or_question: str) -> tuple[str, str]:
+    _, attr, product = _parse(_question(prompt_or_question))
+    return product, attr
+
+
+def test_eval_qa_facts_never_asked_in_sft_preference_or_prompts(data):
+    held = {_fact(r["question"]) for r in data["eval_qa"]}
+    asked = {_fact(r["prompt"]) for r in data["sft"]}
+    assert held and asked and not held & asked
+    # Every held-out fact's product is asked about in sft (other attributes): the split is by fact, not product.
+    assert {p for p, _ in held} <= {p for p, _ in asked}
+    per_attr = [sum(a == attr for _, a in held) for attr in dd.ATTRS]
+    assert min(per_attr) >= 1 and max(per_attr) - min(per_attr) <= max(2, len(held) // 10)
+    train_facts = [_fact(r["prompt"]) for r in data["preference"] if not _fake_names([r])]
+    assert train_facts and not held & set(train_facts) and set(train_facts) <= asked
+    eval_facts = [_fact(r["prompt"]) for r in data["eval_preference"] if not _fake_names([r])]
+    assert eval_facts and not set(eval_facts) & asked
+    fact_prompts = [_fact(r["prompt"]) for r in data["eval_prompts"] if r["kind"] == "fact"]
+    assert fact_prompts and not set(fact_prompts) & asked
+    real = {p for p, _ in asked}
+    assert not {f for f in map(_fact, (r["prompt"] for r in data["prompts"])) if f[0] in real} & held
     # ...and the same question templates as sft, so that the format transfers.
     sft_templates = {rx.pattern for r in data["sft"] for _, _, rx in TEMPLATES if rx.match(_question(r["prompt"]))}
     qa_templates = {rx.pattern for r in data["eval_qa"] for _, _, rx in TEMPLATES if rx.match(r["question"])}
@@ -168,8 +184,11 @@ def test_every_eval_qa_answer_is_stated_in_the_corpus(data):
         stating = [t for t in docs if r["product"] in t and r["answer"] in t]
         assert len(stating) >= 3, r  # stated several ways
     # The catalogue line states it in the usual field form.
-    catalogue = {d["text"].split(" | ")[0] + ("zh" if CJK.search(d["text"]) else "en"): d["text"]
-                 for d in data["corpus"] if d["source"] == "catalogue" and not d["text"].startswith(("[", "FWD", "Re", "【", "转"))}
+    catalogue: dict[str, str] = {}  # the longest line per product and language (planted copies may be truncated)
+    for d in data["corpus"]:
+        if d["source"] == "catalogue" and not d["text"].startswith(("[", "FWD", "Re", "【", "转")):
+            key = d["text"].split(" | ")[0] + ("zh" if CJK.search(d["text"]) else "en")
+            catalogue[key] = max(catalogue.get(key, ""), d["text"], key=len)
     for r in data["eval_qa"]:
         assert r["answer"] in catalogue[r["product"] + r["lang"]], r
 
@@ -251,10 +270,9 @@ def test_preference_mix(data):
     for name in ("preference", "eval_preference"):
         refusals = sum(bool(REFUSAL_EN.match(r["chosen"]) or REFUSAL_ZH.match(r["chosen"])) for r in data[name])
         assert 0.3 <= refusals / len(data[name]) <= 0.5, name
-    # Fact pairs: held-out pairs are about the held-out products, training pairs about sft products.
-    held = {r["product"] for r in data["eval_qa"]}
-    assert not any(p in r["prompt"] for r in data["preference"] for p in held)
-    assert any(p in r["prompt"] for r in data["eval_preference"] for p in held)
+    # Fact pairs (which facts they ask about: test_eval_qa_facts_never_asked_in_sft_preference_or_prompts).
+    for name in ("preference", "eval_preference"):
+        assert any(not _fake_names([r]) for r in data[name]), name
 
 
 def test_general_text_is_not_domain(data):
