@@ -309,7 +309,7 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
     (shards embedded on worker processes or a cluster); everything after the embeddings stays global.
     """
     n = len(texts)
-    stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "rejected_pairs": 0, "embed_s": 0.0,
+    stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "rejected_pairs": 0, "rescued": 0, "embed_s": 0.0,
                                "search_s": 0.0, "lexical_s": 0.0, "verify_s": 0.0}
     keys = [exact_key(t) for t in texts]
     first_of: dict[bytes, int] = {}
@@ -389,15 +389,26 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
         whole = [m for m in members if texts[m].rstrip().endswith(_SENTENCE_END)
                  or not any(len(o) > len(nm) and o.startswith(nm) for nm in [normalize(texts[m])] for o in norms)]
         kept = whole[0] if cfg.keep == "first" else longest
-        for m in members:
-            if m == kept:
-                continue
+        # Pairs verify one at a time, so a cluster can chain ("X costs 199" ~ "X is made in A, while Y ..."). A
+        # record is dropped only for a survivor that states all its numbers; otherwise it survives too (counted as
+        # rescued), and later members may be dropped for it. (Names are not checked here: boilerplate such as
+        # "[Archived]" or "Home > Products" reads as names and would keep wrapped copies.)
+        survivors = [(kept, _numbers(texts[kept]))]
+        for m in sorted((m for m in members if m != kept), key=lambda m: (-len(texts[m]), m)):
+            by = kept
+            if cfg.verify:
+                nums = _numbers(texts[m])
+                by = next((k for k, kn in survivors if nums <= kn), -1)
+                if by < 0:
+                    survivors.append((m, nums))
+                    stats["rescued"] += 1
+                    continue
             keep[m] = False
-            exact = keys[m] == keys[kept]
+            exact = keys[m] == keys[by]
             sim = 1.0
             if not exact and emb is not None:
-                sim = float(emb[pos[rep_of[m]]] @ emb[pos[rep_of[kept]]])
-            removed.append({"removed_index": m, "kept_index": kept, "similarity": round(sim, 4),
+                sim = float(emb[pos[rep_of[m]]] @ emb[pos[rep_of[by]]])
+            removed.append({"removed_index": m, "kept_index": by, "similarity": round(sim, 4),
                             "reason": "exact" if exact else "near"})
     removed.sort(key=lambda r: r["removed_index"])
     return keep, removed, stats
@@ -440,6 +451,7 @@ def dedup_file(input: Path, output: Path, cfg: DedupConfig, field: str, report: 
     return {"records_in": len(texts) + len(rejected), "records_out": n_out, "rejected": len(rejected),
             "exact_duplicates": reasons.count("exact"), "near_duplicates": reasons.count("near"),
             "candidate_pairs": int(stats["candidate_pairs"]), "rejected_pairs": int(stats["rejected_pairs"]),
+            "rescued": int(stats["rescued"]),
             "embed_s": round(stats["embed_s"], 3), "search_s": round(stats["search_s"], 3),
             "verify_s": round(stats["verify_s"], 3), "report": str(report)}
 
