@@ -6,7 +6,7 @@ Builds (once per --work directory) the scratch base model, then trains dapt with
 demo.yaml, and prints for the dapt and sft models:
 - held-out exact match (overall and English only);
 - domain perplexity;
-- a recall probe: from the corpus's own sentences about held-out products, cut just before the value, does greedy
+- a recall probe: from the corpus's own sentences stating held-out facts, cut just before the value, does greedy
   decoding give the value? This shows whether facts are stored even when questions cannot reach them.
 
 It also prints the majority-answer baseline: each held-out question answered with the commonest sft answer for its

@@ -13,7 +13,9 @@ How:
 3. verify each candidate pair before dropping anything: embeddings score "Alice joined Acme in 2019" and
    "Bob joined Acme in 2021" above 0.95, so numbers must agree, names/model codes must agree and the texts must
    share words; one text contained in the other (truncation) is a duplicate;
-4. union-find over exact and verified pairs; one record per cluster survives (``keep``: first | longest).
+4. union-find over exact and verified pairs; one record per cluster survives (``keep``: first | longest), and
+   any other member that states a number no survivor states survives too (pairs verify one at a time, so a
+   cluster can chain two different facts together; the count is ``rescued`` in the stage metrics).
 
 Embeddings can be computed shard by shard (``num_proc`` worker processes, or any engine through
 ``pipelines.shards.sharded_embedder``); exact hashing, search and verification stay global.
@@ -309,7 +311,8 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
     (shards embedded on worker processes or a cluster); everything after the embeddings stays global.
     """
     n = len(texts)
-    stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "rejected_pairs": 0, "rescued": 0, "embed_s": 0.0,
+    stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "rejected_pairs": 0, "rescued": 0,
+                               "embed_s": 0.0,
                                "search_s": 0.0, "lexical_s": 0.0, "verify_s": 0.0}
     keys = [exact_key(t) for t in texts]
     first_of: dict[bytes, int] = {}
@@ -463,11 +466,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
     res = dedup_file(Path(inputs["records"]), out_dir / "data" / "records.jsonl", cfg.dedup, field,
                      report=out_dir / "dedup_report.jsonl")
     keys = ("records_in", "records_out", "rejected", "exact_duplicates", "near_duplicates", "candidate_pairs",
-            "rejected_pairs")
+            "rejected_pairs", "rescued")
     metrics = {k: float(res[k]) for k in keys}
     summary = (f"**dedup**: {res['records_in']} -> {res['records_out']} records ({res['exact_duplicates']} exact, "
                f"{res['near_duplicates']} near duplicates removed; {res['rejected_pairs']} of "
-               f"{res['candidate_pairs']} candidate pairs judged distinct by verification)")
+               f"{res['candidate_pairs']} candidate pairs judged distinct by verification; {res['rescued']} kept "
+               f"for a number no survivor states)")
     return StageOutput(primary="data", metrics=metrics, summary=summary)
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import DataConfig, DedupConfig, ModelConfig, PipelineConfig
-from pipelines.dedup import dedup_file, embed, exact_key, find_duplicates, lexical_pairs, normalize, run, verify_pair
+from pipelines.dedup import (
+    _numbers, dedup_file, embed, exact_key, find_duplicates, lexical_pairs, normalize, run, verify_pair,
+)
 from pipelines.records import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +148,7 @@ def test_dedup_file_and_run(tmp_path: Path) -> None:
     out = run(cfg, {"records": src}, tmp_path / "stage")
     assert out.primary == "data"
     assert out.metrics == {"records_in": 9.0, "records_out": 5.0, "rejected": 0.0, "exact_duplicates": 1.0,
-                           "near_duplicates": 3.0, "candidate_pairs": 12.0, "rejected_pairs": 8.0}
+                           "near_duplicates": 3.0, "candidate_pairs": 12.0, "rejected_pairs": 8.0, "rescued": 0.0}
     kept = [json.loads(x) for x in (tmp_path / "stage" / "data" / "records.jsonl").read_text().splitlines()]
     assert [k["n"] for k in kept] == [0, 3, 4, 5, 6]
     assert kept[0] == {"id": "r0", "text": TEXTS[0], "n": 0}
@@ -184,3 +186,16 @@ def test_cli(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "pipelines.dedup", str(tmp_path / "missing.jsonl"), str(tmp_path / "x")],
                        capture_output=True, text=True, cwd=ROOT)
     assert (p.returncode, p.stderr) == (2, f"error: {tmp_path / 'missing.jsonl'}: file not found\n")
+
+
+def test_a_chained_cluster_never_drops_a_fact_its_keeper_lacks() -> None:
+    """Pairs verify one at a time: A~B and B~C can put C in A's cluster though C states a number A does not."""
+    texts = ["Drytev在Kessaro生产，而Krirkrax在Ambrevik生产。",
+             "Krirkrax在Ambrevik生产。",
+             "Krirkrax的价格是199美元。Krirkrax在Ambrevik生产。",
+             "Krirkrax的价格是199美元。Krirkrax在Ambrevik生产。"]
+    keep, removed, stats = find_duplicates(texts, DedupConfig(), progress=False)
+    assert stats["rescued"] == 1  # 2 joined 0's cluster through 1 (each pair a truncation), but 0 lacks its price
+    assert keep == [True, False, True, False]  # 1 is inside 0; the exact copy 3 still goes, dropped for 2
+    for r in removed:  # and whatever is dropped, its numbers are stated by the record it is dropped for
+        assert _numbers(texts[r["removed_index"]]) <= _numbers(texts[r["kept_index"]])
