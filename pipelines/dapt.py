@@ -62,15 +62,15 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
         model = get_peft_model(model, peft_cfg)
     train = block_dataset(tokenizer, texts, dcfg.max_length)
     # Packed rows rely on position_ids for the block-diagonal mask, which transformers skips when a KV cache is made.
-    model.config.use_cache = False
+    use_cache, model.config.use_cache = model.config.use_cache, False
     work_dir = work_dir or out_dir / "checkpoints"
     args = TrainingArguments(**trainer_kwargs(dcfg, work_dir, seed))
     trainer = sequential(Trainer)(model=model, args=args, train_dataset=train)
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     metrics = log_history_metrics(trainer)
-    model.config.use_cache = True
+    model.config.use_cache = use_cache
     metrics["train_blocks"] = float(len(train))
-    metrics["train_tokens_per_epoch"] = float(sum(sum(x != -100 for x in b) + 1 for b in train["labels"]))
+    metrics["train_tokens_per_epoch"] = float(sum(x != -100 for b in train["labels"] for x in b))  # with a loss
     save_trained(trainer.model, tokenizer, out_dir / "model",
                  {"stage": "dapt", "task": "causal_lm", "config": dcfg.model_dump(), "metrics": metrics})
     return StageOutput(primary="model", metrics=metrics,

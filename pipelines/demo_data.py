@@ -202,15 +202,6 @@ STATEMENTS = {
                      "购买{p}的顾客可以享受{v}的保修。"),
     },
 }
-# Profile documents: the name once, then every fact through a pronoun, so the facts have to be read off the name
-# from a distance (as a question does), not only from the token right before the attribute.
-PROFILE = {
-    "en": {"price": "It costs {v}.", "weight": "It weighs {v}.", "battery": "Its battery lasts {v}.",
-           "colour": "It comes in {v}.", "year": "It was launched in {v}.", "city": "It is made in {v}.",
-           "warranty": "It has a warranty of {v}."},
-    "zh": {"price": "它的价格是{v}。", "weight": "它重{v}。", "battery": "它的电池可以使用{v}。", "colour": "它是{v}的。",
-           "year": "它于{v}上市。", "city": "它在{v}生产。", "warranty": "它的保修期是{v}。"},
-}
 KINDS = ("plain", "plain", "plain", "note", "faq", "review", "heldout")
 SOURCE = {"plain": "description", "note": "note", "faq": "faq", "review": "review"}
 NOTE_PREFIX = {"en": "Internal note: ", "zh": "内部备注："}
@@ -252,7 +243,6 @@ class Sizes:
     eval_prompts: int
     eval_text: int
     general: int
-    profiles: int = 0  # per product and language: one document, intro then every fact with a pronoun, shuffled
 
 
 SIZES = {
@@ -407,10 +397,6 @@ def build_corpus(rng: random.Random, products: list[Product], sz: Sizes,
     for p in products:
         for lang in ("en", "zh"):
             docs.append((_catalogue(p, lang), "catalogue", lang, int(p.facts["price"])))
-            for _ in range(sz.profiles):
-                order = rng.sample(ATTRS, len(ATTRS))
-                sents = [_intro(p, lang)] + [PROFILE[lang][a].format(v=p.answer(a, lang)) for a in order]
-                docs.append(((" " if lang == "en" else "").join(sents), "profile", lang, int(p.facts["price"])))
             by_source: dict[str, list[str]] = {"description": [], "note": [], "faq": [], "review": []}
             for attr in ATTRS:
                 tmpl = STATEMENTS[lang][attr]
