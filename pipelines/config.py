@@ -31,26 +31,91 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------- data
+FORMAT_NAMES = ("auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt", "preference", "prompt", "qa")
+ROLES = ("corpus", "sft", "preference", "prompts", "eval_text", "eval_qa", "eval_preference", "eval_prompts", "general")
+
+
+class DatasetSpec(Strict):
+    """One input dataset of a role: a file or dataset directory, how to read it, how much of it to use."""
+
+    path: str = Field(description="JSONL, JSON array, CSV, Parquet or a datasets.save_to_disk directory.")
+    format: Literal[FORMAT_NAMES] = Field(  # type: ignore[valid-type]
+        "auto", description="Record format; 'auto' detects it from each record's keys (pipelines/formats.py).")
+    split: str | None = Field(None, description="Split of a dataset directory (default: 'train', or its only one).")
+    fraction: float = Field(1.0, gt=0.0, le=1.0,
+                            description="Use this share of the records (a deterministic sample by record hash).")
+    role_tags: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict, description="Extra ShareGPT 'from' tags and the role each stands for.")
+
+
+def _datasets(v: object) -> object:
+    """A role takes a path, a mapping, or a list of either; stored as a tuple of :class:`DatasetSpec`."""
+    if v is None:
+        return ()
+    items = v if isinstance(v, (list, tuple)) else [v]
+    return tuple({"path": i} if isinstance(i, str) else i for i in items)
+
+
 class DataConfig(Strict):
     demo: bool = Field(False, description="Generate the fictional demo domain (deterministic, offline) and use it.")
     demo_size: Literal["full", "tiny"] = Field("full", description="'tiny' is a small slice for fast tests.")
-    corpus: str | None = Field(None, description="Raw domain records for sanitize -> dedup -> curriculum -> dapt.")
-    sft: str | None = Field(None, description="Instruction pairs: records with 'prompt' and 'completion'.")
-    preference: str | None = Field(None, description="Preference pairs: 'prompt', 'chosen', 'rejected'.")
-    prompts: str | None = Field(None, description="Prompts for ppo/grpo rollouts: records with 'prompt'.")
-    eval_text: str | None = Field(None, description="Held-out domain text for perplexity: records with 'text'.")
-    eval_qa: str | None = Field(None, description="Held-out QA: 'question', 'answer'.")
-    eval_preference: str | None = Field(None, description="Held-out preference pairs for reward accuracy.")
-    eval_prompts: str | None = Field(None, description="Held-out prompts for win rate and KL.")
-    general: str | None = Field(None, description="Generic (non-domain) text to pretrain a scratch base model on.")
-    text_field: str = Field("text", description="Field holding the text in corpus records.")
+    corpus: tuple[DatasetSpec, ...] = Field((), description="Raw domain text for sanitize -> dedup -> curriculum -> dapt.")
+    sft: tuple[DatasetSpec, ...] = Field((), description="Instruction data: Alpaca, ShareGPT, messages, prompt/completion.")
+    preference: tuple[DatasetSpec, ...] = Field((), description="Preference pairs: prompt/chosen/rejected or ShareGPT ranking.")
+    prompts: tuple[DatasetSpec, ...] = Field(
+        (), description="Prompts for ppo/grpo rollouts (default: the prompts of the preference training pairs).")
+    eval_text: tuple[DatasetSpec, ...] = Field((), description="Held-out domain text (default: a split of the corpus).")
+    eval_qa: tuple[DatasetSpec, ...] = Field((), description="Held-out instructions (default: a split of sft).")
+    eval_preference: tuple[DatasetSpec, ...] = Field(
+        (), description="Held-out preference pairs (default: a split of preference).")
+    eval_prompts: tuple[DatasetSpec, ...] = Field(
+        (), description="Held-out prompts for win rate and KL (default: the held-out preference prompts).")
+    general: tuple[DatasetSpec, ...] = Field((), description="Generic text to pretrain a scratch base model on.")
+    text_field: str = Field("text", description="Field holding the text in corpus and eval_text records.")
+    val_size: float = Field(
+        0.1, gt=0.0,
+        description="Held out from a role that has no eval_* file: a share (< 1) or a number of records (>= 1).")
+    val_min: int = Field(8, ge=1, description="At least this many held-out records (never more than a quarter).")
+    bad_records: Literal["fail", "quarantine"] = Field(
+        "fail", description="Instruction, preference and prompt files: stop at a bad record, or set it aside.")
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Quarantine aborts above this share.")
+
+    _as_tuple = field_validator(*ROLES, mode="before")(classmethod(lambda cls, v: _datasets(v)))
 
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:
         if not self.demo:
-            missing = [k for k in ("corpus", "sft", "preference", "eval_text", "eval_qa") if getattr(self, k) is None]
+            missing = [k for k in ("corpus", "sft", "preference") if not getattr(self, k)]
             if missing:
                 raise ValueError(f"data.{missing[0]} is required unless data.demo is true")
+        return self
+
+
+class TemplateConfig(Strict):
+    """How a conversation becomes text: the one renderer (``pipelines/chat.py``) every stage uses.
+
+    ``tokenizer`` uses the model's own chat template (``tokenizer.chat_template``); ``jinja`` a chat template given
+    here (Hugging Face Jinja syntax); ``plain`` a prompt format for base models without one: each turn is its
+    pattern with ``{content}`` replaced, the assistant's followed by the tokenizer's EOS; a generation prompt ends
+    right after the last user turn. The chosen template is saved into every trained model's tokenizer.
+    """
+
+    format: Literal["tokenizer", "jinja", "plain"] = "tokenizer"
+    jinja: str | None = Field(None, description="The chat template for format 'jinja'.")
+    system: str = Field("{content}\n\n", description="plain: a system turn.")
+    user: str = Field("{content}\n", description="plain: a user turn (end it where the answer starts).")
+    assistant: str = Field("{content}", description="plain: an assistant turn (the tokenizer's EOS follows).")
+    stop: tuple[str, ...] = Field(
+        (), description="Generation also stops at these strings (the answer is cut there), e.g. a newline for "
+                        "one-line answers. The end-of-turn token of the template always stops it.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TemplateConfig:
+        if (self.format == "jinja") != (self.jinja is not None):
+            raise ValueError("template.jinja is set exactly when template.format is 'jinja'")
+        for k in ("system", "user", "assistant"):
+            if getattr(self, k).count("{content}") != 1:
+                raise ValueError(f"template.{k} must contain '{{content}}' exactly once")
         return self
 
 
@@ -80,7 +145,10 @@ class ModelConfig(Strict):
     revision: str | None = Field(None, description="Hub revision (commit) to pin when name_or_path is a hub id.")
     scratch: ScratchModelConfig | None = Field(None, description="Build a tiny model from scratch instead.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off by default.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype for every load (training, merge, scoring, evaluation).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where inference runs (curriculum scoring, evaluation, rollouts): 'auto' = a GPU if present.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -293,7 +361,9 @@ class GRPOStageConfig(TrainConfig):
 class EvaluateConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(32, ge=1)
+    max_length: int = Field(1024, ge=16, description="Prompt + answer tokens (also capped by the model's positions).")
     max_qa: int | None = Field(None, ge=1, description="Cap on held-out QA items (None: all).")
+    max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts for win rate and KL.")
 
 
 class PipelineConfig(Strict):
@@ -311,6 +381,7 @@ class PipelineConfig(Strict):
     ppo: PPOStageConfig = PPOStageConfig()
     grpo: GRPOStageConfig = GRPOStageConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    template: TemplateConfig = TemplateConfig()
     name: str = Field("pipeline", description="Set from the config file's stem; the tunewright.pipeline tag.")
     base_dir: str = Field(".", description="Directory that relative data paths resolve against (the file's).")
 
@@ -321,9 +392,7 @@ class PipelineConfig(Strict):
     def stage_config(self, stage: str) -> BaseModel:
         return getattr(self, stage)
 
-    def resolve(self, path: str | None) -> Path | None:
-        if path is None:
-            return None
+    def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else (Path(self.base_dir) / p)
 

@@ -49,7 +49,7 @@ def rejected_path(output: Path) -> Path:
 
 
 def _check(obj: Any, field: str) -> str | None:
-    """Why ``obj`` is not a usable record, or None."""
+    """Why ``obj`` is not a usable record (an object with a non-empty string ``field``), or None."""
     if not isinstance(obj, dict):
         return f"not a JSON object (got {_kind(obj)})"
     if field not in obj or obj[field] is None:
@@ -66,14 +66,39 @@ def _kind(v: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), type(v).__name__)
 
 
+class RecordError(ValueError):
+    """Raised by a ``normalize`` callable: the record is bad; ``str()`` says what is wrong."""
+
+
+Normalize = Callable[[dict], dict]
+
+
 class _Sink:
     """Applies the bad-record policy in one place so every format behaves the same."""
 
-    def __init__(self, path: Path, mode: BadRecords, rejected: list | None) -> None:
+    def __init__(self, path: Path, mode: BadRecords, rejected: list | None, field: str | None,
+                 normalize: Normalize | None = None) -> None:
         if mode not in ("fail", "quarantine"):
             raise ValueError(f"bad_records must be 'fail' or 'quarantine', not {mode!r}")
-        self.path, self.mode = path, mode
+        self.path, self.mode, self.field, self.normalize = path, mode, field, normalize
         self.rejected = rejected if rejected is not None else []
+
+    def accept(self, obj: Any, line: int | None, raw: str) -> dict | None:
+        """The record (normalised when a ``normalize`` is set), or None after applying the policy to a bad one."""
+        if self.normalize is not None:
+            if not isinstance(obj, dict):
+                self.bad(line, f"not a JSON object (got {_kind(obj)})", raw)
+                return None
+            try:
+                return self.normalize(obj)
+            except RecordError as e:
+                self.bad(line, str(e), raw)
+                return None
+        why = _check(obj, self.field)
+        if why:
+            self.bad(line, why, raw)
+            return None
+        return obj
 
     def bad(self, line: int | None, reason: str, raw: str) -> None:
         if self.mode == "fail":
@@ -86,7 +111,7 @@ def _utf8_error(e: UnicodeDecodeError) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- formats
-def _iter_jsonl(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
+def _iter_jsonl(path: Path, sink: _Sink) -> Iterator[dict]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -103,17 +128,15 @@ def _iter_jsonl(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
             except json.JSONDecodeError as e:
                 sink.bad(n, f"invalid JSON: {e.msg} (column {e.colno})", line.rstrip("\r\n"))
                 continue
-            why = _check(obj, field)
-            if why:
-                sink.bad(n, why, line.rstrip("\r\n"))
-                continue
-            yield obj
+            rec = sink.accept(obj, n, line.rstrip("\r\n"))
+            if rec is not None:
+                yield rec
 
 
 _WS = re.compile(r"[ \t\r\n]*")
 
 
-def _iter_json_array(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
+def _iter_json_array(path: Path, sink: _Sink) -> Iterator[dict]:
     """Decode one array element at a time from a sliding buffer (no ijson dependency, memory = a few elements)."""
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")("strict")
@@ -177,14 +200,12 @@ def _iter_json_array(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
             start_line = st["line"]
             st["line"] += raw.count("\n")
             st["pos"], expect_value, empty_ok = end, False, False
-            why = _check(obj, field)
-            if why:
-                sink.bad(start_line, why, raw)
-                continue
-            yield obj
+            rec = sink.accept(obj, start_line, raw)
+            if rec is not None:
+                yield rec
 
 
-def _iter_csv(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
+def _iter_csv(path: Path, sink: _Sink) -> Iterator[dict]:
     counter = {"line": 0}
 
     def lines() -> Iterator[str]:
@@ -203,8 +224,8 @@ def _iter_csv(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
         header = next(reader)
     except StopIteration:
         return
-    if field not in header:
-        raise BadInputError(path, f"no column {field!r} in the CSV header", 1)
+    if sink.normalize is None and sink.field not in header:
+        raise BadInputError(path, f"no column {sink.field!r} in the CSV header", 1)
     prev_end = counter["line"]
     for row in reader:
         start, prev_end = prev_end + 1, counter["line"]
@@ -213,29 +234,24 @@ def _iter_csv(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
         if len(row) != len(header):
             sink.bad(start, f"row has {len(row)} cells, header has {len(header)}", ",".join(row))
             continue
-        obj = dict(zip(header, row))
-        why = _check(obj, field)
-        if why:
-            sink.bad(start, why, ",".join(row))
-            continue
-        yield obj
+        rec = sink.accept(dict(zip(header, row)), start, ",".join(row))
+        if rec is not None:
+            yield rec
 
 
-def _iter_arrow_batches(path: Path, batches: Iterator[list[dict]], names: list[str], field: str, sink: _Sink) -> Iterator[dict]:
-    if field not in names:
-        raise BadInputError(path, f"no column {field!r} (columns: {', '.join(names)})")
+def _iter_arrow_batches(path: Path, batches: Iterator[list[dict]], names: list[str], sink: _Sink) -> Iterator[dict]:
+    if sink.normalize is None and sink.field not in names:
+        raise BadInputError(path, f"no column {sink.field!r} (columns: {', '.join(names)})")
     row = 0
     for batch in batches:
         for obj in batch:
             row += 1
-            why = _check(obj, field)
-            if why:
-                sink.bad(row, why, json.dumps(obj, ensure_ascii=False, default=str))
-                continue
-            yield obj
+            rec = sink.accept(obj, row, json.dumps(obj, ensure_ascii=False, default=str))
+            if rec is not None:
+                yield rec
 
 
-def _iter_parquet(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
+def _iter_parquet(path: Path, sink: _Sink) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     try:
@@ -243,10 +259,10 @@ def _iter_parquet(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise BadInputError(path, f"not a readable Parquet file ({type(e).__name__})") from None
     batches = (b.to_pylist() for b in pf.iter_batches(batch_size=_BATCH_ROWS))
-    yield from _iter_arrow_batches(path, batches, pf.schema_arrow.names, field, sink)
+    yield from _iter_arrow_batches(path, batches, pf.schema_arrow.names, sink)
 
 
-def _iter_hf_dir(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
+def _iter_hf_dir(path: Path, sink: _Sink, split: str | None = None) -> Iterator[dict]:
     import datasets
 
     try:
@@ -254,7 +270,11 @@ def _iter_hf_dir(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
     except Exception as e:
         raise BadInputError(path, f"not a dataset directory written by datasets.save_to_disk ({type(e).__name__})") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" in ds:
+        if split is not None:
+            if split not in ds:
+                raise BadInputError(path, f"no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+        elif "train" in ds:
             ds = ds["train"]
         elif len(ds) == 1:
             ds = next(iter(ds.values()))
@@ -267,32 +287,38 @@ def _iter_hf_dir(path: Path, field: str, sink: _Sink) -> Iterator[dict]:
             keys = list(b)
             yield [dict(zip(keys, vals)) for vals in zip(*(b[k] for k in keys))]
 
-    yield from _iter_arrow_batches(path, batches(), names, field, sink)
+    yield from _iter_arrow_batches(path, batches(), names, sink)
 
 
 def iter_records(
-    path: Path, field: str, bad_records: BadRecords = "fail", rejected: list | None = None
+    path: Path, field: str | None, bad_records: BadRecords = "fail", rejected: list | None = None,
+    normalize: Normalize | None = None, split: str | None = None,
 ) -> Iterator[dict]:
-    """Yield the valid records of ``path`` one at a time; see the module docstring for the policy."""
+    """Yield the valid records of ``path`` one at a time; see the module docstring for the policy.
+
+    Without ``normalize`` a record is valid when ``field`` holds a non-empty string. With it, ``normalize(obj)``
+    returns the record to yield or raises :class:`RecordError` (the conversation formats, ``pipelines.formats``).
+    ``split`` picks a split of a dataset directory.
+    """
     path = Path(path)
     if not path.exists():
         raise BadInputError(path, "file not found")
-    sink = _Sink(path, bad_records, rejected)
+    sink = _Sink(path, bad_records, rejected, field, normalize)
     if path.is_dir():
-        yield from _iter_hf_dir(path, field, sink)
+        yield from _iter_hf_dir(path, sink, split)
         return
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        yield from _iter_jsonl(path, field, sink)
+        yield from _iter_jsonl(path, sink)
     elif suffix == ".json":
         with open(path, "rb") as f:
             head = f.read(64).lstrip(codecs.BOM_UTF8).lstrip()
         reader = _iter_json_array if head.startswith(b"[") else _iter_jsonl
-        yield from reader(path, field, sink)
+        yield from reader(path, sink)
     elif suffix == ".csv":
-        yield from _iter_csv(path, field, sink)
+        yield from _iter_csv(path, sink)
     elif suffix in (".parquet", ".pq"):
-        yield from _iter_parquet(path, field, sink)
+        yield from _iter_parquet(path, sink)
     else:
         raise BadInputError(path, f"unknown format {suffix or '(no extension)'!r}; use .jsonl, .json, .csv, .parquet or a dataset directory")
 
