@@ -51,17 +51,15 @@ def _load(config: Path):
 
 
 def _check_inputs(cfg) -> None:
-    """Validate every input file before any stage starts (missing file, bad record)."""
+    """Read and check every input file of every role, and the chat template, before any stage starts."""
+    from pipelines.chat import TemplateError, check_template
     from pipelines.data import MissingInputError, resolve_data
-    from pipelines.records import BadInputError, iter_records
+    from pipelines.records import BadInputError
 
     try:
-        files = resolve_data(cfg)
-        field = cfg.sanitize.field or cfg.data.text_field
-        if cfg.sanitize.bad_records == "fail":
-            for _ in iter_records(files["corpus"], field, "fail"):
-                pass
-    except (MissingInputError, BadInputError) as e:
+        check_template(cfg)
+        resolve_data(cfg)
+    except (MissingInputError, BadInputError, TemplateError) as e:
         fail(str(e))
 
 

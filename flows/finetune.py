@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from pipelines import tracking
 from pipelines.artifacts import ArtifactRef, sha256_path
 from pipelines.config import PREFERENCE_ALGORITHMS, PipelineConfig, load_config
+from pipelines.chat import check_template
 from pipelines.data import resolve_data
 from tasks.base import base_model_task
 from tasks.stages import STAGE_TASKS, StageResult
@@ -122,9 +123,12 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
     from pipelines.launch import preflight
 
     preflight(cfg)
-    files = input_refs(resolve_data(cfg))
+    check_template(cfg)
+    prepared = resolve_data(cfg)
+    files = input_refs(prepared)
     c = tracking.client()
     parent = _parent_run(cfg)
+    _log_split(c, parent, prepared)
     report = RunReport(parent, cfg.name)
     try:
         results: dict[str, StageResult] = {}
@@ -143,7 +147,9 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
                                    "seconds": round(res.seconds, 1), "summary": res.summary.splitlines()[0] if res.summary else ""}
             return res.ref
 
-        data = stage("sanitize", {"records": files["corpus"]})
+        data = stage("sanitize", {"records": files["corpus"], **{r: files[r] for r in SANITIZED if r in files}})
+        # every role's text is masked by sanitize; a stage after --only's is skipped and keeps the prepared file
+        files = {**files, **((results["sanitize"].outputs or {}) if "sanitize" in results else {})}
         data = stage("dedup", {"records": data})
         base = base_model_task(cfg, data, files.get("general"), parent)
         data = stage("curriculum", {"records": data, "model": base})
@@ -180,6 +186,25 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
         raise
     logger.info("pipeline %s finished in %.1fs (parent run %s)", cfg.name, report.seconds, parent)
     return report
+
+
+SANITIZED = ("sft", "preference", "prompts", "eval_text", "eval_qa", "eval_preference", "eval_prompts")
+
+
+def _log_split(c, parent: str, prepared: dict) -> None:
+    """Where every role's records came from and what was held out (counts and record hashes), on the parent run."""
+    from pipelines.data import split_report
+
+    split = split_report(prepared)
+    c.log_dict(parent, split, "inputs/split.json")
+    metrics = {f"data/{role}_records": float(v["records"]) for role, v in split.items()}
+    _batch_metrics(c, parent, metrics)
+
+
+def _batch_metrics(c, run_id: str, metrics: dict[str, float]) -> None:
+    from tasks.stages import _log_metrics
+
+    _log_metrics(c, run_id, metrics)
 
 
 def _reward_gate(c, reward_result: StageResult | None, threshold: float, alg: str) -> None:

@@ -50,6 +50,7 @@ class StageOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     parent_metrics: dict[str, float] = field(default_factory=dict)
     summary: str = ""  # markdown shown in the Prefect artifact / printed by the CLI
+    outputs: dict[str, str] = field(default_factory=dict)  # further named outputs (relative paths) for later stages
 
 
 def sha256_file(path: Path, h: Any | None = None) -> str:

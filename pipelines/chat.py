@@ -56,6 +56,7 @@ class Renderer:
     template: str
     stop: tuple[str, ...] = ()
     stop_ids: list[int] = field(default_factory=list)
+    end_of_turn: str = ""  # what the template writes after an answer (e.g. "<|im_end|>\n"; EOS for plain)
 
     @classmethod
     def for_model(cls, tokenizer, tcfg: TemplateConfig, where: str = "the model") -> Renderer:
@@ -152,6 +153,7 @@ class Renderer:
         except TemplateError:
             return ids
         after = full.split(_SENTINEL, 1)[-1] if _SENTINEL in full else ""
+        self.end_of_turn = after
         first = self._ids(after)[:1]
         special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items()
                                               if getattr(t, "special", False)}
@@ -188,7 +190,34 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def write_examples(path, rows: list[dict[str, Any]]) -> None:
-    from pipelines.artifacts import write_jsonl
+def rendered_prompts(cfg, model_dir, records: list[dict[str, Any]], n_examples: int = 5):
+    """Rollout prompts (ppo, grpo) as generation-prompt text of the policy's template, with the renderer and the
+    ``examples.jsonl`` rows that show them."""
+    from pipelines.modeling import load_spec, load_tokenizer
 
-    write_jsonl(path, rows)
+    spec = load_spec(cfg.model)
+    renderer = Renderer.for_model(load_tokenizer(model_dir, **spec.kwargs(model_dir)), cfg.template, str(model_dir))
+    prompts = [renderer.prompt(r["prompt"]) for r in records]
+    tok = renderer.tokenizer
+    examples = [{"prompt_text": p, "tokens": len(tok(p, add_special_tokens=False)["input_ids"])}
+                for p in prompts[:n_examples]]
+    return prompts, renderer, examples
+
+
+def check_template(cfg) -> None:
+    """Before any stage: the configured template can render with the base model (one line otherwise)."""
+    from pipelines.modeling import load_spec, load_tokenizer
+
+    if cfg.model.scratch is not None:
+        if cfg.template.format == "tokenizer":
+            raise TemplateError("a scratch model has no chat template; set template.format: plain (and its user / "
+                                "assistant patterns) or template.format: jinja")
+        return
+    spec = load_spec(cfg.model)
+    try:
+        tok = load_tokenizer(cfg.model.name_or_path, **spec.kwargs(cfg.model.name_or_path))
+    except OSError as e:
+        raise TemplateError(f"model.name_or_path {cfg.model.name_or_path}: cannot load its tokenizer: "
+                            f"{str(e).splitlines()[0]}") from None
+    r = Renderer.for_model(tok, cfg.template, f"model {cfg.model.name_or_path}")
+    r.segments([{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}])

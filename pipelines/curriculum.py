@@ -23,7 +23,7 @@ import torch
 
 from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.config import CurriculumConfig, PipelineConfig
-from pipelines.modeling import load_model, load_tokenizer
+from pipelines.modeling import LoadSpec, load_model, load_spec, load_tokenizer
 
 
 @torch.inference_mode()
@@ -37,6 +37,7 @@ def perplexities(model, tokenizer, texts: list[str], batch_size: int = 32, max_l
     pad = tokenizer.pad_token_id
     out = np.full(len(texts), np.nan, dtype=np.float64)
     model.eval()
+    device = next(model.parameters()).device
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc="curriculum: perplexity", disable=not progress, file=sys.stderr, mininterval=5):
         width = max(len(enc[i]) for i in idx)
@@ -45,12 +46,14 @@ def perplexities(model, tokenizer, texts: list[str], batch_size: int = 32, max_l
         for row, i in enumerate(idx):
             ids[row, : len(enc[i])] = torch.tensor(enc[i])
             mask[row, : len(enc[i])] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:]
         tmask = mask[:, 1:].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none") * tmask
         mean = nll.sum(1) / tmask.sum(1).clamp(min=1)
-        out[idx] = torch.exp(mean).numpy()
+        out[idx] = torch.exp(mean).cpu().numpy()
     return out
 
 
@@ -90,13 +93,14 @@ def histogram(ppl: np.ndarray, path: Path, title: str = "Per-record perplexity u
 
 
 def curriculum(records: list[dict], field: str, model_dir: Path, ccfg: CurriculumConfig, seed: int,
-               out_dir: Path, trust_remote_code: bool = False) -> StageOutput:
+               out_dir: Path, spec: LoadSpec | None = None) -> StageOutput:
+    spec = spec or LoadSpec()
     texts = [r[field] for r in records]
     if ccfg.mode == "off":
         ppl = np.full(len(texts), np.nan)
     else:
-        tokenizer = load_tokenizer(model_dir, trust_remote_code)
-        model = load_model(model_dir, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, **spec.kwargs(model_dir))
+        model = load_model(model_dir, dtype=spec.dtype, **spec.kwargs(model_dir)).to(spec.torch_device())
         ppl = perplexities(model, tokenizer, texts, ccfg.batch_size, ccfg.max_length)
     order = order_indices(ppl, ccfg.mode, ccfg.buckets, seed)
     ordered = [{**records[i], "perplexity": None if np.isnan(ppl[i]) else round(float(ppl[i]), 4)} for i in order]
@@ -116,7 +120,7 @@ def curriculum(records: list[dict], field: str, model_dir: Path, ccfg: Curriculu
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
     records = read_jsonl(inputs["records"] / "records.jsonl" if inputs["records"].is_dir() else inputs["records"])
     return curriculum(records, cfg.data.text_field, inputs["model"], cfg.curriculum, cfg.seed, out_dir,
-                      cfg.model.trust_remote_code)
+                      load_spec(cfg.model))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """dapt: domain-adaptive continued pretraining (causal LM) on the curriculum-ordered corpus.
 
 Reads: ``inputs["records"]`` (curriculum output, in training order), ``inputs["model"]`` (base model directory).
-With ``dapt.mix_sft`` > 0, ``inputs["sft"]`` (the sft pairs) is replayed as text, spread evenly through that order.
+With ``dapt.mix_sft`` > 0, ``inputs["sft"]`` (the sft conversations) is replayed as rendered text (the one renderer,
+:mod:`pipelines.chat`), spread evenly through that order; ``examples.jsonl`` shows the first replayed examples.
 Writes: ``model/`` (full safetensors weights, or a LoRA adapter when ``dapt.peft.method`` is lora) + tokenizer +
 manifest. Whole texts are packed in curriculum order into ``max_length`` rows, each text attending only to itself
 (``modeling.pack_documents``); the trainer reads the rows sequentially, so each epoch goes easy -> hard. Run alone::
@@ -15,11 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.artifacts import StageOutput, read_jsonl
-from pipelines.config import DaptConfig, PipelineConfig
-from pipelines.modeling import load_model, load_tokenizer, pack_documents, seed_everything
+from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
+from pipelines.chat import Renderer
+from pipelines.config import DaptConfig, PipelineConfig, TemplateConfig
+from pipelines.modeling import LoadSpec, load_spec, pack_documents, seed_everything
 from pipelines.training import (
-    check_peft_supported, last_checkpoint, quantization_config, log_history_metrics, lora_config, save_trained, sequential, trainer_kwargs,
+    EXAMPLES, N_EXAMPLES, last_checkpoint, load_trainable, log_history_metrics, lora_config, save_trained, sequential,
+    trainer_kwargs,
 )
 
 
@@ -32,10 +35,11 @@ def interleave(texts: list[str], extra: list[str]) -> list[str]:
     return [texts[i] if src == 0 else extra[i] for _, src, i in sorted(keyed)]
 
 
-def replay_texts(pairs: list[dict], copies: float) -> list[str]:
-    """``copies`` x the sft pairs as plain text (a fractional part takes a prefix of one more copy)."""
+def replay_texts(renderer, records: list[dict], copies: float) -> list[str]:
+    """``copies`` x the sft conversations as the text the renderer makes of them (a fractional part takes a prefix
+    of one more copy). Continued pretraining then sees questions in the very format sft and evaluation use."""
     whole, part = int(copies), copies - int(copies)
-    texts = [p["prompt"] + p["completion"] for p in pairs]
+    texts = [renderer.text(r["messages"]) for r in records]
     return texts * whole + texts[: round(part * len(texts))]
 
 
@@ -46,15 +50,17 @@ def block_dataset(tokenizer, texts: list[str], block: int):
 
 
 def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir: Path,
-         trust_remote_code: bool = False, work_dir: Path | None = None) -> StageOutput:
+         spec: LoadSpec | None = None, work_dir: Path | None = None, replay: list[dict] | None = None,
+         template: TemplateConfig | None = None) -> StageOutput:
+    """Continued pretraining on ``texts``; ``replay`` (sft conversations) is mixed in ``dcfg.mix_sft`` times."""
     from transformers import Trainer, TrainingArguments
 
-    check_peft_supported(dcfg.peft, "dapt")
     seed_everything(seed)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    qcfg = quantization_config(dcfg.peft)
-    model = load_model(model_dir, trust_remote_code=trust_remote_code,
-                       **({"quantization_config": qcfg} if qcfg is not None else {}))
+    tokenizer, model = load_trainable(model_dir, dcfg.peft, "dapt", spec)
+    renderer = Renderer.for_model(tokenizer, template or TemplateConfig(), str(model_dir))  # saved with the model
+    if replay and dcfg.mix_sft > 0:
+        texts = interleave(texts, replay_texts(renderer, replay, dcfg.mix_sft))
+        write_jsonl(out_dir / EXAMPLES, [renderer.example(r["messages"], dcfg.max_length) for r in replay[:N_EXAMPLES]])
     peft_cfg = lora_config(dcfg.peft)
     if peft_cfg is not None:
         from peft import get_peft_model
@@ -79,10 +85,9 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
     texts = [r[cfg.data.text_field] for r in read_jsonl(inputs["records"])]
-    if cfg.dapt.mix_sft > 0:
-        texts = interleave(texts, replay_texts(read_jsonl(inputs["sft"]), cfg.dapt.mix_sft))
-    return dapt(texts, inputs["model"], cfg.dapt, cfg.seed, out_dir, cfg.model.trust_remote_code,
-                inputs.get("work_dir"))
+    replay = read_jsonl(inputs["sft"]) if cfg.dapt.mix_sft > 0 else None
+    return dapt(texts, inputs["model"], cfg.dapt, cfg.seed, out_dir, load_spec(cfg.model), inputs.get("work_dir"),
+                replay, cfg.template)
 
 
 def main(argv: list[str] | None = None) -> int:

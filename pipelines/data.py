@@ -223,6 +223,12 @@ def resolve_data(cfg: PipelineConfig) -> dict[str, Path]:
     return prepare(cfg)
 
 
+def read_role(path: Path, role: str, field: str = "text", fmt: str = "auto") -> list[dict[str, Any]]:
+    """One file of ``role`` in canonical form (every record checked; the first bad one raises), for the
+    stages' standalone command lines."""
+    return list(iter_records(Path(path), field, "fail", None, normalizer(role, field, fmt)))
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelines.config import ConfigError, load_config
 
@@ -243,3 +249,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

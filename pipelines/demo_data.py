@@ -9,7 +9,8 @@ byte-identical files:
                       ~10% of documents, planted near-duplicates (~10%) and PII look-alikes (versions, orders, dates).
 - ``general``         ``{"text"}`` generic non-domain text to pretrain a scratch base model.
 - ``sft``             ``{"prompt", "completion"}`` questions about part of every product's facts (4 of 7
-                      attributes per product, both languages).
+                      attributes per product, both languages). Prompts are bare questions and answers bare values:
+                      the demo's ``Question: …\nAnswer:`` format is its config's ``template`` (``demo.yaml``).
 - ``eval_qa``         ``{"question", "answer", "lang", "product"}`` the rest: facts no sft pair asks about, which
                       only the corpus states (same question templates).
 - ``preference``      ``{"prompt", "chosen", "rejected"}`` refusal for non-existent products, concise answers.
@@ -35,16 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 # The refusal repeats no name (copying a never-seen name is beyond a small scratch model) and is everyday language
 # the general corpus also uses, so the scratch tokenizer has its words ("Unknown" was cut into bytes and garbled).
 ANSWER_REFUSAL_EN = "Sorry, there is no such product."
 ANSWER_REFUSAL_ZH = "没有这样的产品。"
 COMPANY_EN, COMPANY_ZH = "Veltrane Labs", "Veltrane实验室"
-
-
-def format_prompt(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question)
 
 
 def refusal(lang: str) -> str:
@@ -549,7 +545,7 @@ def _fact_pair(rng: random.Random, p: Product, attr: str, products: list[Product
         rejected = str(bare(attr, p.facts[attr], lang))
     else:
         rejected = refusal(lang)
-    return {"prompt": format_prompt(_qa(rng, p.name, attr, lang)), "chosen": " " + answer, "rejected": " " + rejected}
+    return {"prompt": _qa(rng, p.name, attr, lang), "chosen": answer, "rejected": rejected}
 
 
 def _invented_answer(rng: random.Random, attr: str, lang: str) -> str:
@@ -561,8 +557,7 @@ def _invented_answer(rng: random.Random, attr: str, lang: str) -> str:
 def _nonexistent_pair(rng: random.Random, name: str, products: list[Product]) -> dict[str, str]:
     attr, lang = rng.choice(ATTRS), rng.choice(("en", "zh"))
     rejected = _junk(rng, products) if rng.random() < 0.3 else _invented_answer(rng, attr, lang)
-    return {"prompt": format_prompt(_qa(rng, name, attr, lang)), "chosen": " " + refusal(lang),
-            "rejected": " " + rejected}
+    return {"prompt": _qa(rng, name, attr, lang), "chosen": refusal(lang), "rejected": rejected}
 
 
 def _junk(rng: random.Random, products: list[Product]) -> str:
@@ -595,10 +590,10 @@ def _prompts(rng: random.Random, n: int, facts: list[tuple[Product, str]], names
         lang = rng.choice(("en", "zh"))
         if i % 10 < 3:
             attr = rng.choice(ATTRS)
-            out.append({"prompt": format_prompt(_qa(rng, rng.choice(names), attr, lang)), "kind": "nonexistent"})
+            out.append({"prompt": _qa(rng, rng.choice(names), attr, lang), "kind": "nonexistent"})
         else:
             p, attr = rng.choice(facts)
-            out.append({"prompt": format_prompt(_qa(rng, p.name, attr, lang)), "kind": "fact"})
+            out.append({"prompt": _qa(rng, p.name, attr, lang), "kind": "fact"})
     rng.shuffle(out)
     return out
 
@@ -632,7 +627,7 @@ def build(size: Literal["full", "tiny"] = "full", seed: int = 0) -> dict[str, li
     train_f = [(p, a) for p in products for a in ATTRS if a not in held[p.name]]
     eval_f = [(p, a) for p in products for a in ATTRS if a in held[p.name]]
 
-    sft = [{"prompt": format_prompt(_qa(rng, p.name, a, lang, t)), "completion": " " + p.answer(a, lang)}
+    sft = [{"prompt": _qa(rng, p.name, a, lang, t), "completion": p.answer(a, lang)}
            for p, a in train_f for lang in ("en", "zh") for t in range(len(QUESTIONS[lang][a]))]
     rng.shuffle(sft)
     qa_all = [{"question": _qa(rng, p.name, a, lang), "answer": p.answer(a, lang), "lang": lang, "product": p.name}

@@ -1,9 +1,12 @@
 """dpo: direct preference optimisation with TRL's DPOTrainer; the reference is the SFT model.
 
-Reads: ``inputs["preference"]`` (JSONL ``prompt``/``chosen``/``rejected``), ``inputs["model"]`` (the SFT model,
-merged to full weights). With LoRA (default) the reference is the same network with the adapter disabled, so no
-second copy of the model is held. ``dpo.loss_type`` selects TRL's variants (sigmoid = DPO, ipo, robust, hinge...).
-Writes: ``model/`` (LoRA adapter on the SFT model, or full weights) + tokenizer + manifest. Run alone::
+Reads: ``inputs["preference"]`` (canonical ``{"prompt": [...], "chosen", "rejected"}`` records), ``inputs["model"]``
+(the SFT model, merged to full weights). Prompt and answers are encoded by the one renderer (:mod:`pipelines.chat`)
+and handed to TRL as token ids, so the trained text is exactly the chat template's. With LoRA (default) the
+reference is the same network with the adapter disabled, so no second copy of the model is held.
+``dpo.loss_type`` selects TRL's variants (sigmoid = DPO, ipo, robust, hinge...).
+Writes: ``model/`` (LoRA adapter on the SFT model, or full weights) + tokenizer + manifest, ``examples.jsonl``.
+Run alone (any preference format :mod:`pipelines.formats` reads)::
 
     python -m pipelines.dpo PAIRS.jsonl MODEL_DIR OUT_DIR [--loss-type sigmoid]
 """
@@ -14,11 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.artifacts import StageOutput, read_jsonl
-from pipelines.config import DPOStageConfig, PipelineConfig
-from pipelines.modeling import load_model, load_tokenizer, seed_everything
+from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
+from pipelines.chat import Renderer
+from pipelines.config import DPOStageConfig, PipelineConfig, TemplateConfig
+from pipelines.modeling import LoadSpec, load_model, load_spec, seed_everything
 from pipelines.training import (
-    check_peft_supported, last_checkpoint, quantization_config, log_history_metrics, lora_config, save_trained, trainer_kwargs,
+    EXAMPLES, N_EXAMPLES, last_checkpoint, load_trainable, log_history_metrics, lora_config, save_trained,
+    trainer_kwargs,
 )
 
 
@@ -29,25 +34,51 @@ def loss_kwargs(dcfg: DPOStageConfig) -> dict:
     return {"loss_type": [dcfg.loss_type]}
 
 
+def preference_rows(renderer: Renderer, pairs: list[dict], max_length: int) -> list[dict[str, list[int]]]:
+    """TRL's tokenized preference columns, from the renderer (the prompt keeps its end within ``max_length``)."""
+    rows = []
+    for p in pairs:
+        prompt, c = renderer.encode_pair(p["prompt"], p["chosen"], max_length)
+        prompt_r, r = renderer.encode_pair(p["prompt"], p["rejected"], max_length)
+        keep = min(len(prompt), len(prompt_r))
+        rows.append({"prompt_ids": prompt[len(prompt) - keep:], "chosen_ids": c, "rejected_ids": r})
+    return rows
+
+
+def preference_examples(renderer: Renderer, pairs: list[dict], max_length: int) -> list[dict]:
+    out = []
+    for p in pairs[:N_EXAMPLES]:
+        conv = list(p["prompt"]) + [{"role": "assistant", "content": p["chosen"]}]
+        rejected = list(p["prompt"]) + [{"role": "assistant", "content": p["rejected"]}]
+        out.append({**renderer.example(conv, max_length), "rejected_text": renderer.text(rejected)})
+    return out
+
+
 def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out_dir: Path,
-        trust_remote_code: bool = False, work_dir: Path | None = None) -> StageOutput:
+        spec: LoadSpec | None = None, work_dir: Path | None = None,
+        template: TemplateConfig | None = None) -> StageOutput:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    check_peft_supported(dcfg.peft, "dpo")
+    class TokenizedDPOTrainer(DPOTrainer):
+        """The rows are already token ids from the renderer: TRL's own tokenization would re-render them."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    spec = spec or LoadSpec()
     seed_everything(seed)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    qcfg = quantization_config(dcfg.peft)
-    model = load_model(model_dir, trust_remote_code=trust_remote_code,
-                       **({"quantization_config": qcfg} if qcfg is not None else {}))
+    tokenizer, model = load_trainable(model_dir, dcfg.peft, "dpo", spec)
+    renderer = Renderer.for_model(tokenizer, template or TemplateConfig(), str(model_dir))
     peft_cfg = lora_config(dcfg.peft)
-    ref = None if peft_cfg is not None else load_model(model_dir, trust_remote_code=trust_remote_code)
-    train = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    ref = None if peft_cfg is not None else load_model(model_dir, dtype=spec.dtype, **spec.kwargs(model_dir))
+    train = Dataset.from_list(preference_rows(renderer, pairs, dcfg.max_length))
+    write_jsonl(out_dir / EXAMPLES, preference_examples(renderer, pairs, dcfg.max_length))
     work_dir = work_dir or out_dir / "checkpoints"
     args = DPOConfig(**trainer_kwargs(dcfg, work_dir, seed), max_length=dcfg.max_length, beta=dcfg.beta,
                      label_smoothing=dcfg.label_smoothing, **loss_kwargs(dcfg))
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=train, processing_class=tokenizer,
-                         peft_config=peft_cfg)
+    trainer = TokenizedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=train,
+                                  processing_class=tokenizer, peft_config=peft_cfg)
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     metrics = log_history_metrics(trainer)
     save_trained(trainer.model, tokenizer, out_dir / "model",
@@ -58,11 +89,14 @@ def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
-    return dpo(read_jsonl(inputs["preference"]), inputs["model"], cfg.dpo, cfg.seed, out_dir,
-               cfg.model.trust_remote_code, inputs.get("work_dir"))
+    return dpo(read_jsonl(inputs["preference"]), inputs["model"], cfg.dpo, cfg.seed, out_dir, load_spec(cfg.model),
+               inputs.get("work_dir"), cfg.template)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.data import read_role
+    from pipelines.records import BadInputError
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", type=Path)
     ap.add_argument("model_dir", type=Path)
@@ -70,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-type", default="sigmoid")
     ap.add_argument("--beta", type=float, default=DPOStageConfig().beta)
     args = ap.parse_args(argv)
-    if not args.pairs.is_file():
-        print(f"error: {args.pairs}: file not found", file=sys.stderr)
+    try:
+        pairs = read_role(args.pairs, "preference")
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     dcfg = DPOStageConfig(loss_type=args.loss_type, beta=args.beta)
-    print(dpo(read_jsonl(args.pairs), args.model_dir, dcfg, 0, args.out_dir).summary)
+    print(dpo(pairs, args.model_dir, dcfg, 0, args.out_dir).summary)
     return 0
 
 

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from pipelines.artifacts import StageOutput, read_jsonl, write_json, write_jsonl
-from pipelines.config import EvaluateConfig, PipelineConfig
-from pipelines.modeling import load_model, load_tokenizer, seed_everything
+from pipelines.chat import Renderer
+from pipelines.config import EvaluateConfig, PipelineConfig, TemplateConfig
+from pipelines.modeling import LoadSpec, load_model, load_spec, load_tokenizer, seed_everything
 
 CHECKPOINTS = ("base", "dapt", "sft", "dpo", "ppo", "grpo")
-METRICS = ("domain_ppl", "qa_exact_match", "qa_rouge_l", "rm_win_rate_vs_sft", "kl_to_sft")
+METRICS = ("domain_ppl", "qa_exact_match", "qa_rouge_l", "qa_f1", "rm_win_rate_vs_sft", "kl_to_sft")
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
@@ -64,50 +65,79 @@ def rouge_l(pred: str, ref: str) -> float:
     return 2 * p * r / (p + r)
 
 
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style token F1 (bag of words; characters for Chinese): partial credit for free-form answers."""
+    from collections import Counter
+
+    a, b = _tokens(pred), _tokens(ref)
+    if not a or not b:
+        return float(a == b)
+    common = sum((Counter(a) & Counter(b)).values())
+    if not common:
+        return 0.0
+    p, r = common / len(a), common / len(b)
+    return 2 * p * r / (p + r)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
-             do_sample: bool = False, stop_at_newline: bool = True) -> tuple[list[str], list[list[int]]]:
-    """Batched generation (left padding). Returns decoded answers and their token ids (up to and incl. EOS)."""
-    tokenizer.padding_side = "left"
-    texts: list[str] = [""] * len(prompts)
-    ids_out: list[list[int]] = [[] for _ in prompts]
+def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
+                 do_sample: bool = False, stop_ids: list[int] | None = None) -> list[list[int]]:
+    """Batched generation from token ids (left padding, on the model's device). Returns each answer's ids, up to
+    and including the first stop token (EOS or the template's end of turn)."""
+    stop = list(stop_ids or [tokenizer.eos_token_id])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    out_ids: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     model.eval()
+    device = _device(model)
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + list(prompts[i]) for i in idx], device=device)
+        attn = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             pad_token_id=pad, eos_token_id=stop,
                              **({"top_k": 0, "top_p": 1.0, "temperature": 1.0} if do_sample else {}))
         for row, i in enumerate(idx):
-            gen = out[row, enc["input_ids"].shape[1]:].tolist()
-            if tokenizer.eos_token_id in gen:
-                gen = gen[: gen.index(tokenizer.eos_token_id) + 1]
-            ids_out[i] = gen
-            text = tokenizer.decode(gen, skip_special_tokens=True)
-            texts[i] = text.split("\n")[0] if stop_at_newline else text
-    tokenizer.padding_side = "right"
-    return texts, ids_out
+            gen = out[row, width:].tolist()
+            cut = next((k for k, t in enumerate(gen) if t in stop), None)
+            out_ids[i] = gen if cut is None else gen[: cut + 1]
+    return out_ids
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
+             do_sample: bool = False, stop_at_newline: bool = True) -> tuple[list[str], list[list[int]]]:
+    """Generation from already-rendered prompt strings: decoded answers and their ids (tests, benches)."""
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = generate_ids(model, tokenizer, enc, max_new_tokens, batch_size, do_sample)
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in ids]
+    return [t.split("\n")[0] for t in texts] if stop_at_newline else texts, ids
 
 
 @torch.inference_mode()
-def sequence_logprobs(model, tokenizer, prompts: list[str], responses: list[list[int]], batch_size: int = 32) -> torch.Tensor:
-    """Sum of log p(response tokens | prompt) for each pair, batched with right padding."""
+def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Sum of log p(response tokens | prompt) for each pair of id lists, batched with right padding."""
     out = torch.zeros(len(prompts))
+    device = _device(model)
     for s in range(0, len(prompts), batch_size):
-        p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[s: s + batch_size]]
-        r_ids = responses[s: s + batch_size]
+        p_ids, r_ids = prompts[s: s + batch_size], responses[s: s + batch_size]
         width = max(len(p) + len(r) for p, r in zip(p_ids, r_ids))
-        ids = torch.full((len(p_ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(p_ids), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         resp = torch.zeros_like(ids, dtype=torch.bool)
         for row, (p, r) in enumerate(zip(p_ids, r_ids)):
-            ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+            ids[row, : len(p) + len(r)] = torch.tensor(list(p) + list(r))
             mask[row, : len(p) + len(r)] = 1
             resp[row, len(p): len(p) + len(r)] = True
+        ids, mask, resp = ids.to(device), mask.to(device), resp.to(device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]
-        out[s: s + len(p_ids)] = tok.sum(1)
+        out[s: s + len(p_ids)] = tok.sum(1).cpu()
     return out
 
 
@@ -123,71 +153,105 @@ def domain_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, 
     return float(np.exp(np.sum(np.log(ppl[keep]) * n[keep]) / n[keep].sum()))
 
 
+def context_limit(model, ecfg: EvaluateConfig) -> int:
+    """Prompt + answer tokens this model can take: the configured length, capped by its positions."""
+    pos = getattr(model.config, "max_position_embeddings", None) or ecfg.max_length
+    return min(ecfg.max_length, int(pos))
+
+
 def evaluate(models: dict[str, Path], reward_dir: Path | None, eval_text: list[str], eval_qa: list[dict],
-             eval_prompts: list[dict], ecfg: EvaluateConfig, seed: int, out_dir: Path) -> StageOutput:
+             eval_prompts: list[dict], ecfg: EvaluateConfig, seed: int, out_dir: Path,
+             spec: LoadSpec | None = None, template: TemplateConfig | None = None) -> StageOutput:
+    """``eval_qa`` are canonical conversations (the last assistant turn is the reference), ``eval_prompts``
+    canonical prompt records; every prompt is rendered by the checkpoint's own renderer (:mod:`pipelines.chat`)."""
+    import time
+
     from tqdm.auto import tqdm
 
-    from pipelines.reward import score
+    from pipelines.reward import score_answers
 
+    spec, template = spec or LoadSpec(), template or TemplateConfig()
     qa = eval_qa[: ecfg.max_qa] if ecfg.max_qa else eval_qa
-    qa_prompts = [f"Question: {q['question']}\nAnswer:" for q in qa]
-    prompts = [p["prompt"] for p in eval_prompts]
+    eprompts = eval_prompts[: ecfg.max_prompts] if ecfg.max_prompts else eval_prompts
+    qa_msgs = [q["messages"][:-1] for q in qa]
+    refs = [q["messages"][-1]["content"] for q in qa]
+    prompt_msgs = [p["prompt"] for p in eprompts]
     table: dict[str, dict[str, float]] = {}
     predictions: list[dict] = []
     greedy: dict[str, list[str]] = {}
-    sampled: dict[str, list[list[int]]] = {}
+    sampled: dict[str, tuple[list[list[int]], list[list[int]], torch.Tensor]] = {}
+    timings: dict[str, float] = {}
+    device = spec.torch_device()
+    renderers: dict[str, Renderer] = {}
     for name, path in tqdm(list(models.items()), desc="evaluate: checkpoints", file=sys.stderr):
+        t0 = time.time()
         seed_everything(seed)
-        tok = load_tokenizer(path)
-        model = load_model(path)
-        row = {"domain_ppl": domain_perplexity(model, tok, eval_text, ecfg.batch_size)}
-        answers, _ = generate(model, tok, qa_prompts, ecfg.max_new_tokens, ecfg.batch_size)
-        em = [normalize_answer(a) == normalize_answer(q["answer"]) for a, q in zip(answers, qa)]
-        row["qa_exact_match"] = float(np.mean(em)) if qa else float("nan")
-        row["qa_rouge_l"] = float(np.mean([rouge_l(a, q["answer"]) for a, q in zip(answers, qa)])) if qa else float("nan")
-        predictions += [{"checkpoint": name, "question": q["question"], "answer": q["answer"], "prediction": a,
-                         "exact_match": e} for a, q, e in zip(answers, qa, em)]
-        if prompts:
-            greedy[name] = generate(model, tok, prompts, ecfg.max_new_tokens, ecfg.batch_size)[0]
+        tok = load_tokenizer(path, spec.trust_remote_code)
+        renderer = renderers[name] = Renderer.for_model(tok, template, f"checkpoint {name}")
+        model = load_model(path, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code).to(device)
+        limit = context_limit(model, ecfg)
+        row = {"domain_ppl": domain_perplexity(model, tok, eval_text, ecfg.batch_size, min(256, limit))}
+        qa_ids = [renderer.encode_prompt(m, limit - ecfg.max_new_tokens) for m in qa_msgs]
+        answers = [renderer.decode_answer(g) for g in
+                   generate_ids(model, tok, qa_ids, ecfg.max_new_tokens, ecfg.batch_size, stop_ids=renderer.stop_ids)]
+        em = [normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, refs)]
+        if qa:
+            row["qa_exact_match"] = float(np.mean(em))
+            row["qa_rouge_l"] = float(np.mean([rouge_l(a, r) for a, r in zip(answers, refs)]))
+            row["qa_f1"] = float(np.mean([token_f1(a, r) for a, r in zip(answers, refs)]))
+            row["qa_answer_words"] = float(np.mean([len(_tokens(a)) for a in answers]))
+            row["qa_reference_words"] = float(np.mean([len(_tokens(r)) for r in refs]))
+        if name == next(iter(models)):
+            predictions += [{"checkpoint": "prompt", "prompt_text": tok.decode(ids)} for ids in qa_ids[:3]]
+        predictions += [{"checkpoint": name, "question": m[-1]["content"], "prompt_text": renderer.prompt(m),
+                         "answer": r, "prediction": a, "exact_match": e}
+                        for m, r, a, e in zip(qa_msgs, refs, answers, em)]
+        if eprompts:
+            p_ids = [renderer.encode_prompt(m, limit - ecfg.max_new_tokens) for m in prompt_msgs]
+            greedy[name] = [renderer.decode_answer(g) for g in generate_ids(
+                model, tok, p_ids, ecfg.max_new_tokens, ecfg.batch_size, stop_ids=renderer.stop_ids)]
             if name not in ("base", "dapt", "sft"):
-                sampled[name] = generate(model, tok, prompts, ecfg.max_new_tokens, ecfg.batch_size, do_sample=True,
-                                         stop_at_newline=False)[1]
-                sampled[name + ":logp"] = sequence_logprobs(model, tok, prompts, sampled[name]).tolist()
+                resp = generate_ids(model, tok, p_ids, ecfg.max_new_tokens, ecfg.batch_size, do_sample=True,
+                                    stop_ids=renderer.stop_ids)
+                sampled[name] = (p_ids, resp, sequence_logprobs(model, p_ids, resp, tok.pad_token_id, ecfg.batch_size))
         table[name] = row
         del model
-    if "sft" in models and prompts:
-        tok = load_tokenizer(models["sft"])
-        sft_model = load_model(models["sft"])
-        for name in sampled:
-            if name.endswith(":logp"):
-                continue
-            ref_logp = sequence_logprobs(sft_model, tok, prompts, sampled[name])
-            table[name]["kl_to_sft"] = float(np.mean(np.array(sampled[name + ":logp"]) - ref_logp.numpy()))
+        timings[name] = time.time() - t0
+    if "sft" in models and eprompts:
+        tok = load_tokenizer(models["sft"], spec.trust_remote_code)
+        sft_model = load_model(models["sft"], dtype=spec.dtype, trust_remote_code=spec.trust_remote_code).to(device)
+        for name, (p_ids, resp, logp) in sampled.items():
+            ref_logp = sequence_logprobs(sft_model, p_ids, resp, tok.pad_token_id, ecfg.batch_size)
+            table[name]["kl_to_sft"] = float(np.mean(logp.numpy() - ref_logp.numpy()))
         del sft_model
         if reward_dir is not None:
-            rm = load_model(reward_dir, task="reward").eval()
-            rm_tok = load_tokenizer(reward_dir)
-            r_sft = score(rm, rm_tok, prompts, [" " + a.strip() for a in greedy["sft"]])
+            rm = load_model(reward_dir, task="reward", dtype=spec.dtype,
+                            trust_remote_code=spec.trust_remote_code).to(device).eval()
+            rm_r = Renderer.for_model(load_tokenizer(reward_dir, spec.trust_remote_code), template, "the reward model")
+            limit = context_limit(rm, ecfg)
+            r_sft = score_answers(rm, rm_r, prompt_msgs, [a.strip() for a in greedy["sft"]], limit, ecfg.batch_size)
             for name, answers in greedy.items():
                 if name == "sft":
                     continue
-                r = score(rm, rm_tok, prompts, [" " + a.strip() for a in answers])
+                r = score_answers(rm, rm_r, prompt_msgs, [a.strip() for a in answers], limit, ecfg.batch_size)
                 wins = (r > r_sft).float() + 0.5 * (r == r_sft).float()
                 table[name]["rm_win_rate_vs_sft"] = float(wins.mean())
-                for kind in sorted({p.get("kind") for p in eval_prompts} - {None}):  # e.g. fact / nonexistent
-                    sel = torch.tensor([p.get("kind") == kind for p in eval_prompts])
+                for kind in sorted({p.get("kind") for p in eprompts} - {None}):  # e.g. fact / nonexistent
+                    sel = torch.tensor([p.get("kind") == kind for p in eprompts])
                     table[name][f"rm_win_rate_vs_sft_{kind}"] = float(wins[sel].mean())
                 table[name]["rm_mean_reward"] = float(r.mean())
             table["sft"]["rm_mean_reward"] = float(r_sft.mean())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "evaluation.json", table)
+    write_json(out_dir / "timings.json", timings)
     write_jsonl(out_dir / "qa_predictions.jsonl", predictions)
     md = markdown_table(table)
     (out_dir / "evaluation.md").write_text(md + "\n", encoding="utf-8")
     chart(table, out_dir / "evaluation.png")
     parent = {f"{ck}/{m}": v for ck, row in table.items() for m, v in row.items() if np.isfinite(v)}
-    head = f"{len(table)} checkpoints on {len(qa)} held-out questions and {len(prompts)} held-out prompts"
-    return StageOutput(primary="evaluation.json", metrics=dict(parent), parent_metrics=parent, summary=f"{head}\n\n{md}")
+    head = f"{len(table)} checkpoints on {len(qa)} held-out questions and {len(eprompts)} held-out prompts"
+    metrics = {**parent, **{f"seconds/{k}": v for k, v in timings.items()}}
+    return StageOutput(primary="evaluation.json", metrics=metrics, parent_metrics=parent, summary=f"{head}\n\n{md}")
 
 
 def markdown_table(table: dict[str, dict[str, float]]) -> str:
@@ -226,13 +290,17 @@ def chart(table: dict[str, dict[str, float]], path: Path) -> None:
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
     models = {k: inputs[k] for k in CHECKPOINTS if k in inputs}
-    eval_text = [r["text"] for r in read_jsonl(inputs["eval_text"])]
+    eval_text = [r[cfg.data.text_field] for r in read_jsonl(inputs["eval_text"])] if "eval_text" in inputs else []
+    eval_qa = read_jsonl(inputs["eval_qa"]) if "eval_qa" in inputs else []
     eval_prompts = read_jsonl(inputs["eval_prompts"]) if "eval_prompts" in inputs else []
-    return evaluate(models, inputs.get("reward"), eval_text, read_jsonl(inputs["eval_qa"]), eval_prompts,
-                    cfg.evaluate, cfg.seed, out_dir)
+    return evaluate(models, inputs.get("reward"), eval_text, eval_qa, eval_prompts, cfg.evaluate, cfg.seed, out_dir,
+                    load_spec(cfg.model), cfg.template)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.data import read_role
+    from pipelines.records import BadInputError
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], help="NAME=DIR, NAME in " + ", ".join(CHECKPOINTS))
     ap.add_argument("--reward", type=Path)
@@ -246,9 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: --model {bad[0]}: unknown checkpoint name", file=sys.stderr)
         return 2
-    out = evaluate({k: Path(v) for k, v in models.items()}, args.reward, [r["text"] for r in read_jsonl(args.eval_text)],
-                   read_jsonl(args.eval_qa), read_jsonl(args.eval_prompts) if args.eval_prompts else [],
-                   EvaluateConfig(), 0, args.out_dir)
+    try:
+        texts = [r["text"] for r in read_role(args.eval_text, "eval_text")]
+        qa = read_role(args.eval_qa, "eval_qa")
+        prompts = read_role(args.eval_prompts, "eval_prompts") if args.eval_prompts else []
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = evaluate({k: Path(v) for k, v in models.items()}, args.reward, texts, qa, prompts, EvaluateConfig(), 0,
+                   args.out_dir)
     print(out.summary)
     return 0
 

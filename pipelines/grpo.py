@@ -27,7 +27,8 @@ from pipelines.training import (
 )
 
 
-def reward_function(reward_dir: Path, trust_remote_code: bool = False, batch_size: int = 32, max_length: int = 512):
+def reward_function(reward_dir: Path, trust_remote_code: bool = False, batch_size: int = 32, max_length: int = 512,
+                    suffix: str | None = None):
     """The reward model as a GRPO reward function: ``f(prompts, completions, **_) -> list[float]``.
 
     A callable rather than the bare model because TRL scores ``prompt + completion`` without the EOS that the
@@ -42,13 +43,14 @@ def reward_function(reward_dir: Path, trust_remote_code: bool = False, batch_siz
     tokenizer = load_tokenizer(reward_dir, trust_remote_code)
 
     def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
-        return score(model, tokenizer, list(prompts), list(completions), batch_size, max_length).tolist()
+        return score(model, tokenizer, list(prompts), list(completions), batch_size, max_length, suffix).tolist()
 
     return reward_model
 
 
 def grpo(prompts: list[str], model_dir: Path, reward_dir: Path, gcfg: GRPOStageConfig, seed: int, out_dir: Path,
-         trust_remote_code: bool = False, work_dir: Path | None = None) -> StageOutput:
+         trust_remote_code: bool = False, work_dir: Path | None = None, suffix: str | None = None) -> StageOutput:
+    """``prompts`` are rendered generation prompts (plain text to TRL, so it applies no template of its own)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -67,7 +69,7 @@ def grpo(prompts: list[str], model_dir: Path, reward_dir: Path, gcfg: GRPOStageC
                       num_generations=gcfg.num_generations, max_completion_length=gcfg.max_completion_length,
                       beta=gcfg.beta, temperature=gcfg.temperature)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_function(reward_dir, trust_remote_code, gcfg.batch_size,
-                                                                    gcfg.max_length),
+                                                                    gcfg.max_length, suffix),
                           args=args, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
                           processing_class=tokenizer, peft_config=lora_config(gcfg.peft))
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
@@ -85,9 +87,12 @@ def grpo(prompts: list[str], model_dir: Path, reward_dir: Path, gcfg: GRPOStageC
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
-    prompts = [r["prompt"] for r in read_jsonl(inputs["prompts"])]
+    from pipelines.chat import rendered_prompts
+
+    prompts, renderer, examples = rendered_prompts(cfg, inputs["model"], read_jsonl(inputs["prompts"]))
+    write_jsonl(out_dir / "examples.jsonl", examples)
     return grpo(prompts, inputs["model"], inputs["reward"], cfg.grpo, cfg.seed, out_dir, cfg.model.trust_remote_code,
-                inputs.get("work_dir"))
+                inputs.get("work_dir"), renderer.end_of_turn)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +187,36 @@ def base_ref(mcfg: ModelConfig, scratch_dir: Path | None = None, scratch_fp: str
     return ArtifactRef(None, mcfg.name_or_path, sha256_json([mcfg.name_or_path, mcfg.revision]), "base")
 
 
+@dataclass(frozen=True)
+class LoadSpec:
+    """How every stage loads a model: one description from ``model.*``, used for every load of the run.
+
+    ``revision`` pins the configured hub model (``base``) only; the run's own checkpoints are local directories.
+    """
+
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+    base: str | None = None
+    revision: str | None = None
+
+    def kwargs(self, path: str | Path) -> dict[str, Any]:
+        """Keyword arguments for :func:`load_model` / :func:`load_tokenizer` of ``path``."""
+        kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision and self.base is not None and str(path) == self.base:
+            kw["revision"] = self.revision
+        return kw
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def load_spec(mcfg: ModelConfig) -> LoadSpec:
+    return LoadSpec(mcfg.trust_remote_code, mcfg.dtype, mcfg.device, mcfg.name_or_path, mcfg.revision)
+
+
 def _load_kwargs(trust_remote_code: bool, revision: str | None = None) -> dict[str, Any]:
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision:
@@ -267,15 +298,16 @@ def check_saved(model_dir: Path) -> None:
                     raise RuntimeError(f"{f.name}: tensor {k} is empty (a ZeRO-3 save without gathering?)")
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> None:
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, spec: LoadSpec | None = None) -> None:
     """Base + PEFT adapter -> one full model directory (what the next stage loads)."""
     from peft import PeftModel
 
+    spec = spec or LoadSpec()
     manifest = read_manifest(adapter_dir)
     task: Task = manifest.get("task", "causal_lm")
-    base = load_model(base_dir, task=task, trust_remote_code=trust_remote_code)
+    base = load_model(base_dir, task=task, dtype=spec.dtype, **spec.kwargs(base_dir))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
+    tokenizer = load_tokenizer(adapter_dir, spec.trust_remote_code)
     save_model(merged, tokenizer, out_dir, {**manifest, "kind": "full", "merged_from": manifest.get("stage")})
 
 

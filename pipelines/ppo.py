@@ -243,7 +243,9 @@ def num_iterations(pcfg: PPOStageConfig, n_prompts: int) -> int:
 
 
 def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, work_dir: Path,
-          trust_remote_code: bool = False) -> PPOResult:
+          trust_remote_code: bool = False, suffix: str | None = None) -> PPOResult:
+    """``prompts`` are rendered generation prompts; ``suffix`` is the template's end of turn, appended to an answer
+    for the reward model exactly as it was trained (EOS by default)."""
     """The PPO loop; resumes from the newest complete checkpoint in ``work_dir``. Returns the trained models."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -317,7 +319,7 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
             texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                      for r, m in zip(b.responses, mask)]
             scores = score(reward_model, reward_tok, batch_prompts, texts, batch_size=pcfg.batch_size,
-                           max_length=pcfg.max_length).to(device)
+                           max_length=pcfg.max_length, suffix=suffix).to(device)
             # 3. per-token rewards: KL penalty everywhere, the score on the last answer token; GAE; whitening
             kl_tokens = (old_logp - ref_logp) * mask
             rewards = -kl_ctl.value * kl_tokens
@@ -472,9 +474,9 @@ def chart(history: list[dict], path: Path) -> None:
 
 
 def ppo(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, out_dir: Path,
-        trust_remote_code: bool = False, work_dir: Path | None = None) -> StageOutput:
+        trust_remote_code: bool = False, work_dir: Path | None = None, suffix: str | None = None) -> StageOutput:
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "checkpoints"
-    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, trust_remote_code)
+    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, trust_remote_code, suffix)
     metrics = final_metrics(res.history)
     save_trained(res.policy, res.tokenizer, out_dir / "model",
                  {"stage": "ppo", "task": "causal_lm", "config": pcfg.model_dump(mode="json"), "metrics": metrics})
@@ -489,9 +491,12 @@ def ppo(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageCon
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
-    prompts = [r["prompt"] for r in read_jsonl(inputs["prompts"])]
+    from pipelines.chat import rendered_prompts
+
+    prompts, renderer, examples = rendered_prompts(cfg, inputs["model"], read_jsonl(inputs["prompts"]))
+    write_jsonl(out_dir / "examples.jsonl", examples)
     return ppo(prompts, inputs["model"], inputs["reward"], cfg.ppo, cfg.seed, out_dir, cfg.model.trust_remote_code,
-               inputs.get("work_dir"))
+               inputs.get("work_dir"), renderer.end_of_turn)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,7 +356,9 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
         report = sanitize_sharded(src, dst, cfg.sanitize, field, shards=cfg.sanitize.num_proc)
     else:
         report = sanitize_file(src, dst, cfg.sanitize, field)
-    write_json(out_dir / "sanitize_report.json", {**report, "field": field, "config": cfg.sanitize.model_dump()})
+    roles = sanitize_roles(cfg, inputs, out_dir, report["counts"])
+    write_json(out_dir / "sanitize_report.json", {**report, "field": field, "config": cfg.sanitize.model_dump(),
+                                                  "roles": roles})
     counts = {t: report["counts"].get(t, 0) for t in PII_TYPES}
     metrics = {k: float(report[k]) for k in ("records_in", "records_out", "rejected")}
     metrics.update({f"pii_{t.lower()}": float(n) for t, n in counts.items()})
@@ -364,7 +366,36 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
     rows = "\n".join(f"| {t} | {n} |" for t, n in counts.items())
     summary = (f"**sanitize**: {report['records_out']} records, {report['rejected']} rejected, "
                f"{int(metrics['pii_total'])} replacements\n\n| type | count |\n|---|---|\n{rows}")
-    return StageOutput(primary="data", metrics=metrics, summary=summary)
+    metrics.update({f"{role}_pii": float(n) for role, n in roles.items()})
+    return StageOutput(primary="data", metrics=metrics, summary=summary,
+                       outputs={role: f"roles/{role}.jsonl" for role in roles})
+
+
+def sanitize_roles(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path, counts: dict[str, int]) -> dict[str, int]:
+    """Every other role's text (instructions, answers, preference pairs, prompts, held-out sets) masked the same
+    way as the corpus: ``roles/<role>.jsonl``. Returns the replacements per role (``counts`` gets them too)."""
+    from pipelines.artifacts import read_jsonl, write_jsonl
+    from pipelines.formats import map_text
+
+    ents = frozenset(cfg.sanitize.entities)
+    per_role: dict[str, int] = {}
+    for role, path in inputs.items():
+        if role in ("records", "work_dir"):
+            continue
+        n = 0
+
+        def mask(text: str) -> str:
+            nonlocal n
+            new, c = sanitize_text(text, ents, cfg.sanitize.phone_region)
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+                n += v
+            return new
+
+        write_jsonl(out_dir / "roles" / f"{role}.jsonl",
+                    (map_text(r, mask, cfg.data.text_field) for r in read_jsonl(path)))
+        per_role[role] = n
+    return per_role
 
 
 def main(argv: list[str] | None = None) -> int:

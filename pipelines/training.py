@@ -12,7 +12,10 @@ from typing import Any
 import torch
 
 from pipelines.config import PeftConfig, TrainConfig
-from pipelines.modeling import save_model
+from pipelines.modeling import LoadSpec, load_model, load_tokenizer, save_model
+
+EXAMPLES = "examples.jsonl"
+N_EXAMPLES = 5
 
 
 class QLoRAUnavailableError(RuntimeError):
@@ -31,6 +34,18 @@ def check_peft_supported(pcfg: PeftConfig, stage: str) -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise QLoRAUnavailableError(f"{stage}.peft.method is 'qlora' but bitsandbytes is not installed") from None
+
+
+def load_trainable(model_dir: Path, pcfg: PeftConfig, stage: str, spec: LoadSpec | None = None,
+                   task: str = "causal_lm"):
+    """(tokenizer, model) for a training stage, loaded as ``model.*`` says (QLoRA: 4-bit, checked first)."""
+    spec = spec or LoadSpec()
+    check_peft_supported(pcfg, stage)
+    tokenizer = load_tokenizer(model_dir, **spec.kwargs(model_dir))
+    qcfg = quantization_config(pcfg)
+    model = load_model(model_dir, task=task, dtype=spec.dtype, **spec.kwargs(model_dir),
+                       **({"quantization_config": qcfg} if qcfg is not None else {}))
+    return tokenizer, model
 
 
 def quantization_config(pcfg: PeftConfig):

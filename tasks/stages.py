@@ -26,9 +26,10 @@ from pipelines.config import PipelineConfig
 from pipelines.modeling import MANIFEST, merge_adapter, read_manifest
 
 # Modules every stage's code version includes: a change there invalidates all stages.
-SHARED_CODE = ("pipelines.artifacts", "pipelines.modeling", "pipelines.training")
+SHARED_CODE = ("pipelines.artifacts", "pipelines.modeling", "pipelines.training", "pipelines.chat")
 TAG_PARENT_METRICS = "tunewright.parent_metrics"
 TAG_SUMMARY = "tunewright.summary"
+TAG_OUTPUTS = "tunewright.outputs"
 
 
 @dataclass(frozen=True)
@@ -38,20 +39,27 @@ class StageResult:
     cache_hit: bool
     summary: str
     seconds: float
+    outputs: dict[str, ArtifactRef] | None = None  # further named outputs (sanitize: every role's masked file)
+
+
+RENDERING_STAGES = ("dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate")
 
 
 def stage_fingerprint_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The part of the config a stage's result depends on (its own block plus the globals it reads)."""
     out: dict[str, Any] = {stage: cfg.stage_config(stage).model_dump(mode="json"), "seed": cfg.seed,
-                           "trust_remote_code": cfg.model.trust_remote_code}
-    if stage in ("sanitize", "dedup", "curriculum", "dapt"):
+                           "model_loading": {k: v for k, v in cfg.model.model_dump(mode="json").items()
+                                             if k in ("trust_remote_code", "dtype", "revision")}}
+    if stage in ("sanitize", "dedup", "curriculum", "dapt", "evaluate"):
         out["text_field"] = cfg.data.text_field
+    if stage in RENDERING_STAGES:
+        out["template"] = cfg.template.model_dump(mode="json")
     if stage in ("ppo", "grpo"):
         out["preference"] = cfg.preference.model_dump(mode="json")
     return out
 
 
-def materialize(ref: ArtifactRef) -> Path:
+def materialize(ref: ArtifactRef, spec=None) -> Path:
     """A local path for an input: a data file, or a full-weights model directory (adapters merged, cached)."""
     path = tracking.fetch(ref)
     if path.is_dir() and (path / "records.jsonl").is_file():
@@ -60,7 +68,7 @@ def materialize(ref: ArtifactRef) -> Path:
         merged = tracking.home() / "cache" / "merged" / ref.sha256
         if not merged.exists():
             base = ArtifactRef.from_dict(read_manifest(path)["base"])
-            merge_adapter(materialize(base), path, merged)
+            merge_adapter(materialize(base, spec), path, merged, spec)
         return merged
     return path
 
@@ -94,8 +102,10 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
         _log_metrics(c, parent_run_id, json.loads(hit.data.tags.get(TAG_PARENT_METRICS, "{}")))
         _finish(c, rid, "FINISHED")
         ref = ArtifactRef(hit.info.run_id, hit.data.tags[tracking.TAG_PRIMARY], hit.data.tags[tracking.TAG_SHA], stage)
+        outputs = {k: ArtifactRef(hit.info.run_id, path, sha, stage)
+                   for k, (path, sha) in json.loads(hit.data.tags.get(TAG_OUTPUTS, "{}")).items()}
         log(f"{stage}: cache hit (run {hit.info.run_id[:8]}, fingerprint {fp[:12]})")
-        return StageResult(ref, rid, True, hit.data.tags.get(TAG_SUMMARY, ""), time.time() - t0)
+        return StageResult(ref, rid, True, hit.data.tags.get(TAG_SUMMARY, ""), time.time() - t0, outputs)
 
     child = tracking.with_retries(lambda: c.create_run(exp, run_name=stage, tags={**tags, tracking.TAG_CACHE: "miss"}),
                                   "create run")
@@ -108,7 +118,10 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
             # run id or content hash only: a local path could carry a user name or a token
             c.set_tag(rid, f"tunewright.input.{k}", f"{ref.stage}:{ref.run_id or 'file'}:{ref.sha256[:12]}")
         log(f"{stage}: computing (fingerprint {fp[:12]}, child run {rid[:8]})")
-        local = {k: materialize(ref) for k, ref in inputs.items()}
+        from pipelines.modeling import load_spec
+
+        spec = load_spec(cfg.model)
+        local = {k: materialize(ref, spec) for k, ref in inputs.items()}
         local["work_dir"] = tracking.home() / "work" / stage / fp
         module = importlib.import_module(f"pipelines.{stage}")
         with tempfile.TemporaryDirectory(prefix=f"tw-{stage}-") as tmp:
@@ -123,6 +136,7 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
             if model_dir.is_dir() and (model_dir / MANIFEST).is_file():
                 _record_lineage(model_dir, inputs)
             sha = sha256_path(out_dir / out.primary)
+            extra = {k: (path, sha256_path(out_dir / path)) for k, path in out.outputs.items()}
             _log_metrics(c, rid, out.metrics)
             _log_metrics(c, parent_run_id, out.parent_metrics)
             tracking.with_retries(lambda: c.log_artifacts(rid, str(out_dir)), "log artifacts")
@@ -130,6 +144,7 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
         c.set_tag(rid, tracking.TAG_PRIMARY, out.primary)
         c.set_tag(rid, TAG_PARENT_METRICS, json.dumps(out.parent_metrics))
         c.set_tag(rid, TAG_SUMMARY, out.summary[:4000])
+        c.set_tag(rid, TAG_OUTPUTS, json.dumps(extra))
         _finish(c, rid, "FINISHED")
         shutil.rmtree(local["work_dir"], ignore_errors=True)  # checkpoints only matter until the stage finishes
     except BaseException as e:
@@ -138,7 +153,8 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
     finally:
         restore()
     log(f"{stage}: done in {time.time() - t0:.1f}s: {out.summary.splitlines()[0] if out.summary else ''}")
-    return StageResult(ArtifactRef(rid, out.primary, sha, stage), rid, False, out.summary, time.time() - t0)
+    return StageResult(ArtifactRef(rid, out.primary, sha, stage), rid, False, out.summary, time.time() - t0,
+                       {k: ArtifactRef(rid, path, s, stage) for k, (path, s) in extra.items()})
 
 
 def _record_lineage(model_dir: Path, inputs: dict[str, ArtifactRef]) -> None:
