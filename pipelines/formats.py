@@ -276,7 +276,10 @@ def normalize(obj: Mapping[str, Any], kind: Kind, text_field: str = "text", fmt:
                 prompt = _alpaca_prompt(obj)
             else:
                 conv = _conversation(f, obj, text_field, tags)
-                prompt = conv[:-1] if conv and conv[-1]["role"] == "assistant" else conv
+                if conv and conv[-1]["role"] == "assistant":
+                    prompt = check_order(conv, "conversation", "assistant")[:-1]
+                else:
+                    prompt = conv
             return {"prompt": check_order(prompt, "prompt", "user"), **_meta(obj, text_field)}
     except KeyError as e:
         raise RecordError(f"missing field {e.args[0]!r} for the {f!r} format") from None
