@@ -57,8 +57,8 @@ def _check_inputs(cfg) -> None:
     from pipelines.records import BadInputError
 
     try:
-        check_template(cfg)
         resolve_data(cfg)
+        check_template(cfg)
     except (MissingInputError, BadInputError, TemplateError) as e:
         fail(str(e))
 

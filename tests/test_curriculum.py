@@ -119,8 +119,15 @@ def test_curriculum_stage_writes_order_histogram(tiny_lm, tmp_path):
 def test_instruction_replay_is_spread_evenly_and_keeps_the_curriculum_order():
     from pipelines.dapt import interleave, replay_texts
 
-    pairs = [{"prompt": f"Q{i}\nAnswer:", "completion": f" a{i}"} for i in range(4)]
-    extra = replay_texts(pairs, 1.5)
+    from pipelines.chat import Renderer
+    from pipelines.config import TemplateConfig
+    from pipelines.modeling import train_tokenizer
+
+    renderer = Renderer.for_model(train_tokenizer(["Q0 Answer a0"], 300),
+                                  TemplateConfig(format="plain", user="{content}\nAnswer:", assistant=" {content}"))
+    pairs = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(4)]
+    extra = [t.removesuffix("</s>") for t in replay_texts(renderer, pairs, 1.5)]
     assert extra == ["Q0\nAnswer: a0", "Q1\nAnswer: a1", "Q2\nAnswer: a2", "Q3\nAnswer: a3",
                      "Q0\nAnswer: a0", "Q1\nAnswer: a1"]
     corpus = [f"doc{i}" for i in range(12)]

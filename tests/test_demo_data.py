@@ -23,8 +23,8 @@ KEYS = {
     "eval_text": {"text"},
 }
 CJK = re.compile(r"[\u4e00-\u9fff]")
-REFUSAL_EN = re.compile(r"^ Sorry, there is no such product\.$")
-REFUSAL_ZH = re.compile(r"^ 没有这样的产品。$")
+REFUSAL_EN = re.compile(r"^Sorry, there is no such product\.$")
+REFUSAL_ZH = re.compile(r"^没有这样的产品。$")
 NAME = re.compile(r"(?<![A-Za-z])(?!How|What|When|Where|Which|In\b)([A-Z][a-z]{4,8})(?![a-z])")
 
 
@@ -65,7 +65,7 @@ def _parse(question: str) -> tuple[str, str, str]:
 
 
 def _question(prompt: str) -> str:
-    return prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
+    return prompt  # demo prompts are bare questions (the format is demo.yaml's template)
 
 
 def _fake_names(records: list[dict]) -> set[str]:
@@ -122,81 +122,40 @@ def test_tiny_is_small(tiny):
     assert len({r["product"] for r in d["eval_qa"]}) == 8
 
 
-def test_prompt_format_and_leading_space(data):
-    assert dd.format_prompt("Q?") == dd.PROMPT_TEMPLATE.format(question="Q?") == "Question: Q?\nAnswer:"
-    pattern = re.compile(r"^Question: [^\n]+\nAnswer:$")
+def test_records_are_bare_and_the_format_is_the_configs(data):
+    """Prompts are bare questions and answers bare values: the Question/Answer format is demo.yaml's template, and
+    rendering a record through it gives exactly the text the demo has always trained on."""
+    from transformers import PreTrainedTokenizerFast
+
+    from pipelines.chat import Renderer
+    from pipelines.config import load_config
+    from pipelines.modeling import train_tokenizer
+
     for name in ("sft", "preference", "eval_preference", "prompts", "eval_prompts"):
         for r in data[name]:
-            assert pattern.match(r["prompt"]), r
+            assert "\n" not in r["prompt"] and not r["prompt"].startswith("Question:") and r["prompt"] == r["prompt"].strip(), r
     for name, fields in (("sft", ("completion",)), ("preference", ("chosen", "rejected")),
                          ("eval_preference", ("chosen", "rejected"))):
         for r in data[name]:
             for f in fields:
-                assert r[f].startswith(" ") and not r[f].startswith("  ") and r[f] == r[f].rstrip(), r
+                assert r[f] == r[f].strip() and r[f], r
             if "chosen" in r:
                 assert r["chosen"] != r["rejected"]
     for r in data["eval_qa"]:
-        assert dd.format_prompt(r["question"]) and r["answer"] == r["answer"].strip()
-
-
-def test_both_languages_everywhere(data):
-    for name, records in data.items():
-        texts = [" ".join(r.values()) for r in records]
-        assert any(CJK.search(t) for t in texts), name
-        assert any(not CJK.search(t) for t in texts), name
-    assert {r["lang"] for r in data["eval_qa"]} == {"en", "zh"}
-    for r in data["eval_qa"]:
-        assert bool(CJK.search(r["question"])) == (r["lang"] == "zh")
-
-
-def _fact(prompt_or_question: str) -> tuple[str, str]:
-    _, attr, product = _parse(_question(prompt_or_question))
-    return product, attr
-
-
-def test_eval_qa_facts_never_asked_in_sft_preference_or_prompts(data):
-    held = {_fact(r["question"]) for r in data["eval_qa"]}
-    asked = {_fact(r["prompt"]) for r in data["sft"]}
-    assert held and asked and not held & asked
-    # Every held-out fact's product is asked about in sft (other attributes): the split is by fact, not product.
-    assert {p for p, _ in held} <= {p for p, _ in asked}
-    per_attr = [sum(a == attr for _, a in held) for attr in dd.ATTRS]
-    assert min(per_attr) >= 1 and max(per_attr) - min(per_attr) <= max(2, len(held) // 10)
-    train_facts = [_fact(r["prompt"]) for r in data["preference"] if not _fake_names([r])]
-    assert train_facts and not held & set(train_facts) and set(train_facts) <= asked
-    eval_facts = [_fact(r["prompt"]) for r in data["eval_preference"] if not _fake_names([r])]
-    assert eval_facts and not set(eval_facts) & asked
-    fact_prompts = [_fact(r["prompt"]) for r in data["eval_prompts"] if r["kind"] == "fact"]
-    assert fact_prompts and not set(fact_prompts) & asked
-    real = {p for p, _ in asked}
-    assert not {f for f in map(_fact, (r["prompt"] for r in data["prompts"])) if f[0] in real} & held
-    # ...and the same question templates as sft, so that the format transfers.
-    sft_templates = {rx.pattern for r in data["sft"] for _, _, rx in TEMPLATES if rx.match(_question(r["prompt"]))}
-    qa_templates = {rx.pattern for r in data["eval_qa"] for _, _, rx in TEMPLATES if rx.match(r["question"])}
-    assert qa_templates <= sft_templates and len(sft_templates) == len(TEMPLATES)
-    for r in data["eval_qa"]:
-        assert _parse(r["question"])[::2] == (r["lang"], r["product"]), r
-
-
-def test_every_eval_qa_answer_is_stated_in_the_corpus(data):
-    docs = [d["text"] for d in data["corpus"] if d["source"] != "comparison"]
-    for r in data["eval_qa"]:
-        stating = [t for t in docs if r["product"] in t and r["answer"] in t]
-        assert len(stating) >= 3, r  # stated several ways
-    # The catalogue line states it in the usual field form.
-    catalogue: dict[str, str] = {}  # the longest line per product and language (planted copies may be truncated)
-    for d in data["corpus"]:
-        if d["source"] == "catalogue" and not d["text"].startswith(("[", "FWD", "Re", "【", "转")):
-            key = d["text"].split(" | ")[0] + ("zh" if CJK.search(d["text"]) else "en")
-            catalogue[key] = max(catalogue.get(key, ""), d["text"], key=len)
-    for r in data["eval_qa"]:
-        assert r["answer"] in catalogue[r["product"] + r["lang"]], r
+        assert r["answer"] == r["answer"].strip()
+    tok = train_tokenizer(["Question: Answer: the price"], 300)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    cfg = load_config(Path(dd.__file__).parent / "configs" / "demo.yaml")
+    r = Renderer.for_model(tok, cfg.template)
+    conv = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "42 dollars"}]
+    assert r.segments(conv) == [("Question: Q?\nAnswer:", False), (" 42 dollars</s>", True)]
+    assert r.prompt(conv[:1]) == "Question: Q?\nAnswer:" and r.stop == ("\n",)
 
 
 def test_sft_and_eval_answers_match_the_catalogue(data):
     catalogue = [r["text"] for r in data["corpus"] if r["source"] == "catalogue"]
     sep = {"en": ": ", "zh": "："}
-    for question, answer in [(_question(r["prompt"]), r["completion"][1:]) for r in data["sft"]] + [
+    for question, answer in [(_question(r["prompt"]), r["completion"]) for r in data["sft"]] + [
             (r["question"], r["answer"]) for r in data["eval_qa"]]:
         lang, attr, product = _parse(question)
         field = dd.CATALOGUE_KEYS[lang][attr] + sep[lang] + answer
