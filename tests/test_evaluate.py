@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.evaluate import markdown_table, normalize_answer, rouge_l
+from pipelines.evaluate import markdown_table, normalize_answer, rouge_l, token_f1
 
 
 def test_normalize_answer():
@@ -29,3 +29,10 @@ def test_markdown_table():
     assert md.splitlines()[0] == "| checkpoint | domain_ppl | qa_exact_match | rm_win_rate_vs_sft |"
     assert md.splitlines()[2] == "| base | 100.000 | 0.000 | – |"
     assert md.splitlines()[3] == "| sft | 10.000 | 0.500 | 0.500 |"
+
+
+def test_token_f1_hand_worked():
+    assert token_f1("129 dollars", "129 dollars.") == 1.0
+    # common {129, dollars} = 2; P = 2/5, R = 2/2 -> F = 2*0.4/1.4
+    assert token_f1("it costs 129 us dollars", "129 dollars") == pytest.approx(0.8 / 1.4)
+    assert token_f1("teal", "navy") == 0.0 and token_f1("", "") == 1.0

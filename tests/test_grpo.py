@@ -10,7 +10,7 @@ import torch
 
 from pipelines import grpo as G
 from pipelines.config import GRPOStageConfig, PeftConfig, PipelineConfig
-from tests.test_ppo import _prompt, build_tiny_world
+from tests.test_ppo import RAW, _prompt, build_tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_grpo_runs_logs_reward_and_saves_an_adapter(world, tmp_path):
     gcfg = GRPOStageConfig(max_steps=3, batch_size=8, num_generations=4, max_completion_length=6, beta=0.04,
                            learning_rate=1e-3, lr_scheduler="constant", max_length=64,
                            peft=PeftConfig(method="lora", r=8, alpha=16))
-    cfg = PipelineConfig(data={"demo": True}, model={"scratch": {}}, grpo=gcfg.model_dump())
+    cfg = PipelineConfig(data={"demo": True}, model={"scratch": {}}, grpo=gcfg.model_dump(), template=RAW)
     out = G.run(cfg, {**world, "work_dir": tmp_path / "work"}, tmp_path / "out")
     assert out.primary == "model" and out.metrics["global_step"] == 3
     assert math.isfinite(out.metrics["reward"]) and "reward_std" in out.metrics and "kl" in out.metrics

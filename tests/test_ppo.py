@@ -170,7 +170,8 @@ def build_tiny_world(root: Path, seed: int = 0) -> dict[str, Path]:
     save_model(sft, tok, root / "sft", {"stage": "sft", "kind": "full", "task": "causal_lm"})
     save_model(rm, tok, root / "reward", {"stage": "reward", "kind": "full", "task": "reward"})
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": _prompt(q)}) + "\n" for q in QUESTIONS))
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": _prompt(q)}]}) + "\n"
+                               for q in QUESTIONS))
     return {"model": root / "sft", "reward": root / "reward", "prompts": prompts}
 
 
@@ -187,8 +188,11 @@ def _pcfg(**kw) -> PPOStageConfig:
     return PPOStageConfig(**{**base, **kw})
 
 
+RAW = {"format": "plain", "user": "{content}", "assistant": "{content}"}  # prompts here are already formatted
+
+
 def _prompts(world) -> list[str]:
-    return [json.loads(line)["prompt"] for line in world["prompts"].read_text().splitlines()]
+    return [json.loads(line)["prompt"][0]["content"] for line in world["prompts"].read_text().splitlines()]
 
 
 def test_ppo_raises_reward_and_keeps_reference(world, tmp_path):
@@ -232,7 +236,7 @@ def test_run_writes_model_history_and_chart(world, tmp_path):
     from pipelines.config import PipelineConfig
     from pipelines.modeling import read_manifest
 
-    cfg = PipelineConfig(data={"demo": True}, model={"scratch": {}},
+    cfg = PipelineConfig(data={"demo": True}, model={"scratch": {}}, template=RAW,
                          ppo=_pcfg(max_steps=2, rollout_batch_size=8, mini_batch_size=4).model_dump())
     out = P.run(cfg, {**world, "work_dir": tmp_path / "work"}, tmp_path / "out")
     assert out.primary == "model" and "2 PPO iterations" in out.summary

@@ -23,6 +23,7 @@ from tests.test_launch import PAIRS, build_tiny_base
 
 pytestmark = pytest.mark.slow
 HIDDEN = 32
+RAW = {"format": "plain", "user": "{content}", "assistant": "{content}"}  # PAIRS carry their own prompt format
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -34,9 +35,13 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("zero3")
-    write_jsonl(d / "sft.jsonl", PAIRS)
-    write_jsonl(d / "pref.jsonl", [{"prompt": p["prompt"], "chosen": p["completion"],
-                                    "rejected": " no idea, maybe a large purple elephant."} for p in PAIRS[:32]])
+    from pipelines.formats import normalize
+
+    # canonical records, as pipelines.data prepares them; the prompts carry their own format (RAW template)
+    write_jsonl(d / "sft.jsonl", [normalize(p, "conversation") for p in PAIRS])
+    write_jsonl(d / "pref.jsonl", [normalize({"prompt": p["prompt"], "chosen": p["completion"],
+                                              "rejected": " no idea, maybe a large purple elephant."}, "preference")
+                                   for p in PAIRS[:32]])
     return {"sft": d / "sft.jsonl", "preference": d / "pref.jsonl", "model": build_tiny_base(d / "base", hidden=HIDDEN)}
 
 
@@ -44,7 +49,7 @@ def test_zero3_sft_on_two_ranks_logs_its_config_and_a_model_that_reloads_without
     from pipelines import tracking
     from tasks.stages import execute_stage
 
-    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "sft": {
+    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "template": RAW, "sft": {
         "max_steps": 4, "batch_size": 8, "max_length": 32, "learning_rate": 5e-3, "launcher": "accelerate",
         "num_processes": 2, "deepspeed": {"zero_stage": 3}, "peft": {"method": "lora", "r": 16, "alpha": 32}}})
     c = tracking.client()
@@ -89,7 +94,7 @@ def test_zero3_sft_on_two_ranks_logs_its_config_and_a_model_that_reloads_without
 
 
 def test_zero3_reward_model_under_the_deepspeed_launcher_keeps_its_score_head(data, tmp_path):
-    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "reward": {
+    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "template": RAW, "reward": {
         "max_steps": 3, "batch_size": 8, "max_length": 96, "launcher": "deepspeed", "deepspeed": {"zero_stage": 3},
         "peft": {"method": "full"}}})
     inputs = {"preference": data["preference"], "eval_preference": data["preference"], "model": data["model"]}
@@ -116,7 +121,7 @@ def test_zero3_reward_model_under_the_deepspeed_launcher_keeps_its_score_head(da
 def test_a_failing_rank_fails_the_stage_with_its_own_error(data, tmp_path):
     bad = tmp_path / "sft.jsonl"
     write_jsonl(bad, [{"prompt": r["prompt"], "answer": r["completion"]} for r in read_jsonl(data["sft"])])
-    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "sft": {
+    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "template": RAW, "sft": {
         "max_steps": 2, "launcher": "accelerate", "num_processes": 2, "deepspeed": {"zero_stage": 3}}})
     with pytest.raises(RuntimeError) as e:
         launch_stage("sft", cfg, {"sft": bad, "model": data["model"]}, tmp_path / "out", log=lambda line: None)
