@@ -27,9 +27,11 @@ from pathlib import Path
 
 from pipelines import demo_data
 from pipelines.artifacts import read_jsonl
+from pipelines.chat import Renderer
 from pipelines.config import load_config
 from pipelines.dapt import dapt, replay_texts
 from pipelines.evaluate import domain_perplexity, generate, normalize_answer
+from pipelines.formats import normalize
 from pipelines.modeling import build_scratch, load_model, load_tokenizer, merge_adapter
 from pipelines.sft import sft
 
@@ -49,8 +51,7 @@ def _template(question: str) -> tuple[str, str] | None:
 def majority_baseline(sft_pairs: list[dict], qa: list[dict]) -> float:
     counts: dict = collections.defaultdict(collections.Counter)
     for r in sft_pairs:
-        q = r["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
-        counts[_template(q)][r["completion"].strip()] += 1
+        counts[_template(r["prompt"])][r["completion"].strip()] += 1
     hits = [counts[_template(q["question"])].most_common(1)[0][0] == q["answer"] for q in qa]
     return sum(hits) / len(hits)
 
@@ -75,10 +76,11 @@ def recall_probe(model, tok, corpus: list[str], qa: list[dict], limit: int = 200
     return sum(o.strip().startswith(t) for o, t in zip(out, targets)) / max(1, len(targets))
 
 
-def report(tag: str, label: str, mdir: Path, files: dict[str, Path], corpus: list[str]) -> None:
+def report(tag: str, label: str, mdir: Path, files: dict[str, Path], corpus: list[str], template) -> None:
     tok, model = load_tokenizer(mdir), load_model(mdir)
     qa = read_jsonl(files["eval_qa"])
-    answers, _ = generate(model, tok, [demo_data.format_prompt(q["question"]) for q in qa], 24, 64)
+    renderer = Renderer.for_model(tok, template)  # demo.yaml's Question/Answer format
+    answers, _ = generate(model, tok, [renderer.prompt([{"role": "user", "content": q["question"]}]) for q in qa], 24, 64)
     em = [normalize_answer(a) == normalize_answer(q["answer"]) for a, q in zip(answers, qa)]
     en = [e for e, q in zip(em, qa) if q["lang"] == "en"]
     ppl = domain_perplexity(model, tok, [r["text"] for r in read_jsonl(files["eval_text"])])
@@ -106,19 +108,21 @@ def main(argv: list[str] | None = None) -> None:
         build_scratch(scratch, corpus, [r["text"] for r in read_jsonl(files["general"])], cfg.seed, a.work / "base")
     sft_pairs = read_jsonl(files["sft"])
     print(f"majority-answer baseline EM {majority_baseline(sft_pairs, read_jsonl(files['eval_qa'])):.3f}")
+    conversations = [normalize(r, "conversation") for r in sft_pairs]
     texts = list(corpus)
     if a.mix_sft:
-        texts += replay_texts(sft_pairs, a.mix_sft)
+        texts += replay_texts(Renderer.for_model(load_tokenizer(a.work / "base"), cfg.template), conversations, a.mix_sft)
         random.Random(cfg.seed).shuffle(texts)
     dcfg = cfg.dapt.model_copy(update={k: v for k, v in (("epochs", a.epochs), ("learning_rate", a.lr)) if v})
     t = time.time()
-    dapt(texts, a.work / "base", dcfg, cfg.seed, a.work / f"dapt_{a.tag}", work_dir=a.work / f"dapt_{a.tag}_ckpt")
+    dapt(texts, a.work / "base", dcfg, cfg.seed, a.work / f"dapt_{a.tag}", work_dir=a.work / f"dapt_{a.tag}_ckpt",
+         template=cfg.template)
     print(f"dapt {time.time() - t:.0f}s", flush=True)
-    report(a.tag, "dapt", a.work / f"dapt_{a.tag}" / "model", files, corpus)
-    sft(sft_pairs, a.work / f"dapt_{a.tag}" / "model", cfg.sft, cfg.seed, a.work / f"sft_{a.tag}",
-        work_dir=a.work / f"sft_{a.tag}_ckpt")
+    report(a.tag, "dapt", a.work / f"dapt_{a.tag}" / "model", files, corpus, cfg.template)
+    sft(conversations, a.work / f"dapt_{a.tag}" / "model", cfg.sft, cfg.seed, a.work / f"sft_{a.tag}",
+        work_dir=a.work / f"sft_{a.tag}_ckpt", template=cfg.template)
     merge_adapter(a.work / f"dapt_{a.tag}" / "model", a.work / f"sft_{a.tag}" / "model", a.work / f"sft_{a.tag}_merged")
-    report(a.tag, "sft", a.work / f"sft_{a.tag}_merged", files, corpus)
+    report(a.tag, "sft", a.work / f"sft_{a.tag}_merged", files, corpus, cfg.template)
 
 
 if __name__ == "__main__":

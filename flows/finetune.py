@@ -23,7 +23,7 @@ from pipelines.config import PREFERENCE_ALGORITHMS, PipelineConfig, load_config
 from pipelines.chat import check_template
 from pipelines.data import resolve_data
 from tasks.base import base_model_task
-from tasks.stages import STAGE_TASKS, StageResult
+from tasks.stages import STAGE_TASKS, StageResult, _log_metrics
 
 
 StageName = Literal["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate"]
@@ -198,13 +198,8 @@ def _log_split(c, parent: str, prepared: dict) -> None:
     split = split_report(prepared)
     c.log_dict(parent, split, "inputs/split.json")
     metrics = {f"data/{role}_records": float(v["records"]) for role, v in split.items()}
-    _batch_metrics(c, parent, metrics)
-
-
-def _batch_metrics(c, run_id: str, metrics: dict[str, float]) -> None:
-    from tasks.stages import _log_metrics
-
-    _log_metrics(c, run_id, metrics)
+    metrics.update({f"data/{role}_rejected": float(v["rejected"]) for role, v in split.items() if v.get("rejected")})
+    _log_metrics(c, parent, metrics)
 
 
 def _reward_gate(c, reward_result: StageResult | None, threshold: float, alg: str) -> None:

@@ -57,10 +57,16 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
 
     seed_everything(seed)
     tokenizer, model = load_trainable(model_dir, dcfg.peft, "dapt", spec)
-    renderer = Renderer.for_model(tokenizer, template or TemplateConfig(), str(model_dir))  # saved with the model
+    # the run's template is stored in the saved tokenizer (standalone, without one, the base model's is kept)
+    renderer = None if template is None and not replay else Renderer.for_model(tokenizer, template or TemplateConfig(),
+                                                                               str(model_dir))
     if replay and dcfg.mix_sft > 0:
         texts = interleave(texts, replay_texts(renderer, replay, dcfg.mix_sft))
-        write_jsonl(out_dir / EXAMPLES, [renderer.example(r["messages"], dcfg.max_length) for r in replay[:N_EXAMPLES]])
+    # what continued pretraining trains on, in training order (replayed conversations rendered as sft renders them)
+    write_jsonl(out_dir / EXAMPLES, [{"trained_text": t, "tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1}
+                                     for t in texts[:N_EXAMPLES]] +
+                [{**renderer.example(r["messages"], dcfg.max_length), "replayed": True} for r in (replay or [])[:2]
+                 if dcfg.mix_sft > 0])
     peft_cfg = lora_config(dcfg.peft)
     if peft_cfg is not None:
         from peft import get_peft_model

@@ -11,7 +11,7 @@ A role without its held-out file gets a deterministic held-out split of its own 
 ``eval_preference`` from preference. ``eval_prompts`` defaults to the held-out preference prompts, ``prompts`` to
 the training preference prompts. Held-out records are never trained on. A bad record is one line
 ``FILE:LINE: what is wrong`` (:class:`~pipelines.records.BadInputError`), or is quarantined with
-``data.bad_records: quarantine`` (``<role>.rejected.jsonl`` beside the prepared files). Run alone to check a config's
+``data.bad_records: quarantine`` (``$TUNEWRIGHT_HOME/inputs/rejected/<key>/<role>.jsonl.rejected.jsonl``). Run alone to check a config's
 inputs::
 
     python -m pipelines.data CONFIG.yaml
@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.artifacts import atomic_dir
 from pipelines.config import DatasetSpec, PipelineConfig
-from pipelines.formats import ROLE_KIND, normalizer, prompt_of
+from pipelines.formats import normalizer, prompt_of
 from pipelines.records import BadInputError, check_bad_fraction, dumps_record, iter_records, rejected_path
 
 FILES = ("corpus", "general", "sft", "preference", "prompts", "eval_text", "eval_qa", "eval_preference", "eval_prompts")
@@ -121,7 +118,8 @@ def _code() -> str:
 
 
 def _read_role(cfg: PipelineConfig, role: str, sets: list[Dataset], out: Path, stats: dict) -> list[tuple[str, dict]]:
-    """Every record of a role, normalised and sampled, as (hash, record); bad records per the policy."""
+    """Every record of a role, normalised and sampled, as (hash, record); bad records per the policy. Quarantined
+    records go to ``out/<role>.jsonl.rejected.jsonl`` (kept when the run aborts, so the user can see why)."""
     policy = cfg.sanitize.bad_records if role == "corpus" else cfg.data.bad_records
     limit = cfg.sanitize.max_bad_fraction if role == "corpus" else cfg.data.max_bad_fraction
     field = text_field(cfg, role)
@@ -135,19 +133,28 @@ def _read_role(cfg: PipelineConfig, role: str, sets: list[Dataset], out: Path, s
             h = _record_hash(rec, cfg.seed)
             if _keep(h, d.spec.fraction):
                 rows.append((h, rec))
-        check_bad_fraction(d.path, len(rows) - n_before, len(mine), limit, out / f"{role}.jsonl")
         rejected += [{**r, "file": str(d.path)} for r in mine]
-    if rejected:  # the raw text of a rejected record may hold PII: masked like sanitize masks it
-        from pipelines.sanitize import sanitize_text
-
-        ents, region = frozenset(cfg.sanitize.entities), cfg.sanitize.phone_region
-        with open(rejected_path(out / f"{role}.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({**r, "raw": sanitize_text(r["raw"], ents, region)[0]}, ensure_ascii=False) + "\n"
-                         for r in rejected)
+        try:
+            check_bad_fraction(d.path, len(rows) - n_before, len(mine), limit, out / f"{role}.jsonl")
+        finally:
+            _write_rejected(cfg, rejected_path(out / f"{role}.jsonl"), rejected)
     stats["rejected"] = len(rejected)
+    if rejected:
+        stats["rejected_file"] = str(rejected_path(out / f"{role}.jsonl"))
     if not rows:
         raise BadInputError(sets[0].path, f"no usable records for data.{role}")
     return rows
+
+
+def _write_rejected(cfg: PipelineConfig, path: Path, rejected: list[dict]) -> None:
+    """The raw text of a rejected record may hold PII: masked as sanitize masks it."""
+    if not rejected:
+        return
+    from pipelines.sanitize import sanitize_text
+
+    ents, region = frozenset(cfg.sanitize.entities), cfg.sanitize.phone_region
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, [{**r, "raw": sanitize_text(r["raw"], ents, region)[0]} for r in rejected])
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -156,7 +163,7 @@ def _write(path: Path, rows: list[dict]) -> None:
             f.write(dumps_record(r))
 
 
-def prepare(cfg: PipelineConfig, log=None) -> dict[str, Path]:
+def prepare(cfg: PipelineConfig) -> dict[str, Path]:
     """Checked, normalised, split input files by role (cached under ``$TUNEWRIGHT_HOME/inputs``)."""
     from pipelines.tracking import home
 
@@ -165,15 +172,13 @@ def prepare(cfg: PipelineConfig, log=None) -> dict[str, Path]:
     final = home() / "inputs" / key
     if (final / SPLIT).is_file():
         return {r: final / f"{r}.jsonl" for r in FILES if (final / f"{r}.jsonl").is_file()}
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         split: dict[str, dict[str, Any]] = {}
         rows: dict[str, list[tuple[str, dict]]] = {}
         for role in FILES:
             if role in sets:
                 split[role] = {"source": [str(d.path) for d in sets[role]]}
-                rows[role] = _read_role(cfg, role, sets[role], tmp, split[role])
+                rows[role] = _read_role(cfg, role, sets[role], final.parent / "rejected" / key, split[role])
         for held, src in HELDOUT_OF.items():
             if held in rows or src not in rows:
                 continue
@@ -197,14 +202,6 @@ def prepare(cfg: PipelineConfig, log=None) -> dict[str, Path]:
                 _write(tmp / f"{role}.jsonl", [r for _, r in rows[role]])
                 split[role]["records"] = len(rows[role])
         (tmp / SPLIT).write_text(json.dumps(split, indent=2, ensure_ascii=False), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if log:
-        log(" ".join(f"{r}={v['records']}" for r, v in split.items()))
     return {r: final / f"{r}.jsonl" for r in FILES if (final / f"{r}.jsonl").is_file()}
 
 

@@ -21,26 +21,26 @@ from pathlib import Path
 
 from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.config import GRPOStageConfig, PipelineConfig
-from pipelines.modeling import load_model, load_tokenizer, seed_everything
+from pipelines.modeling import LoadSpec, load_model, load_spec, load_tokenizer, seed_everything
 from pipelines.training import (
     check_peft_supported, last_checkpoint, log_history_metrics, lora_config, save_trained, trainer_kwargs,
 )
 
 
-def reward_function(reward_dir: Path, trust_remote_code: bool = False, batch_size: int = 32, max_length: int = 512,
+def reward_function(reward_dir: Path, spec: LoadSpec | None = None, batch_size: int = 32, max_length: int = 512,
                     suffix: str | None = None):
     """The reward model as a GRPO reward function: ``f(prompts, completions, **_) -> list[float]``.
 
     A callable rather than the bare model because TRL scores ``prompt + completion`` without the EOS that the
     reward model saw in training; ``score`` appends it.
     """
-    import torch
 
     from pipelines.reward import score
 
-    model = load_model(reward_dir, task="reward", trust_remote_code=trust_remote_code).eval().requires_grad_(False)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(reward_dir, trust_remote_code)
+    spec = spec or LoadSpec()
+    model = load_model(reward_dir, task="reward", dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+    model.eval().requires_grad_(False).to(spec.torch_device())
+    tokenizer = load_tokenizer(reward_dir, spec.trust_remote_code)
 
     def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
         return score(model, tokenizer, list(prompts), list(completions), batch_size, max_length, suffix).tolist()
@@ -49,7 +49,7 @@ def reward_function(reward_dir: Path, trust_remote_code: bool = False, batch_siz
 
 
 def grpo(prompts: list[str], model_dir: Path, reward_dir: Path, gcfg: GRPOStageConfig, seed: int, out_dir: Path,
-         trust_remote_code: bool = False, work_dir: Path | None = None, suffix: str | None = None) -> StageOutput:
+         spec: LoadSpec | None = None, work_dir: Path | None = None, suffix: str | None = None) -> StageOutput:
     """``prompts`` are rendered generation prompts (plain text to TRL, so it applies no template of its own)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -62,13 +62,14 @@ def grpo(prompts: list[str], model_dir: Path, reward_dir: Path, gcfg: GRPOStageC
     if not prompts:
         raise ValueError("grpo: no prompts")
     seed_everything(seed)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, trust_remote_code=trust_remote_code)
+    spec = spec or LoadSpec()
+    tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
+    model = load_model(model_dir, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "checkpoints"
     args = GRPOConfig(**{**trainer_kwargs(gcfg, work_dir, seed), "logging_steps": 1},
                       num_generations=gcfg.num_generations, max_completion_length=gcfg.max_completion_length,
                       beta=gcfg.beta, temperature=gcfg.temperature)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_function(reward_dir, trust_remote_code, gcfg.batch_size,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_function(reward_dir, spec, gcfg.batch_size,
                                                                     gcfg.max_length, suffix),
                           args=args, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
                           processing_class=tokenizer, peft_config=lora_config(gcfg.peft))
@@ -91,7 +92,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
 
     prompts, renderer, examples = rendered_prompts(cfg, inputs["model"], read_jsonl(inputs["prompts"]))
     write_jsonl(out_dir / "examples.jsonl", examples)
-    return grpo(prompts, inputs["model"], inputs["reward"], cfg.grpo, cfg.seed, out_dir, cfg.model.trust_remote_code,
+    return grpo(prompts, inputs["model"], inputs["reward"], cfg.grpo, cfg.seed, out_dir, load_spec(cfg.model),
                 inputs.get("work_dir"), renderer.end_of_turn)
 
 

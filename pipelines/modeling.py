@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipelines.artifacts import ArtifactRef, sha256_json, sha256_path, write_json
+from pipelines.artifacts import ArtifactRef, atomic_dir, sha256_json, sha256_path, write_json
 from pipelines.config import ModelConfig, ScratchModelConfig
 
 MANIFEST = "tunewright_manifest.json"
@@ -254,20 +251,11 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
 
 def save_model(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> None:
     """Save weights (safetensors), tokenizer and manifest into ``out_dir`` atomically (temp dir, then rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / MANIFEST, {**manifest, "versions": versions()})
         check_saved(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def require_score_head(model_dir: Path) -> None:

@@ -43,7 +43,7 @@ import torch
 
 from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.config import PipelineConfig, PPOStageConfig
-from pipelines.modeling import load_model, load_tokenizer, seed_everything
+from pipelines.modeling import LoadSpec, load_model, load_spec, load_tokenizer, seed_everything
 from pipelines.training import check_peft_supported, lora_config, save_trained
 
 log = logging.getLogger("tunewright.ppo")
@@ -243,7 +243,7 @@ def num_iterations(pcfg: PPOStageConfig, n_prompts: int) -> int:
 
 
 def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, work_dir: Path,
-          trust_remote_code: bool = False, suffix: str | None = None) -> PPOResult:
+          spec: LoadSpec | None = None, suffix: str | None = None) -> PPOResult:
     """``prompts`` are rendered generation prompts; ``suffix`` is the template's end of turn, appended to an answer
     for the reward model exactly as it was trained (EOS by default)."""
     """The PPO loop; resumes from the newest complete checkpoint in ``work_dir``. Returns the trained models."""
@@ -259,20 +259,22 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
         raise ValueError("ppo runs in-process (our own loop, no DeepSpeed launcher); set ppo.launcher: inprocess")
     if not prompts:
         raise ValueError("ppo: no prompts to roll out")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = spec or LoadSpec()
+    device = spec.torch_device()
+    kw = {"dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code}
     seed_everything(seed)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    policy = load_model(model_dir, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
+    policy = load_model(model_dir, **kw)
     peft_cfg = lora_config(pcfg.peft)
     ref_model = None
     if peft_cfg is not None:
         policy = get_peft_model(policy, peft_cfg)  # reference = this network under disable_adapter()
     else:
-        ref_model = load_model(model_dir, trust_remote_code=trust_remote_code).to(device).eval().requires_grad_(False)
-    value_model = load_model(reward_dir, task="reward", trust_remote_code=trust_remote_code)
-    reward_model = load_model(reward_dir, task="reward", trust_remote_code=trust_remote_code)
+        ref_model = load_model(model_dir, **kw).to(device).eval().requires_grad_(False)
+    value_model = load_model(reward_dir, task="reward", **kw)
+    reward_model = load_model(reward_dir, task="reward", **kw)
     reward_model.to(device).eval().requires_grad_(False)
-    reward_tok = load_tokenizer(reward_dir, trust_remote_code)
+    reward_tok = load_tokenizer(reward_dir, spec.trust_remote_code)
     # Dropout stays off (eval mode) throughout: the log-probs of the rollout and of the first update must agree.
     policy.to(device).eval()
     value_model.to(device).eval()
@@ -474,9 +476,9 @@ def chart(history: list[dict], path: Path) -> None:
 
 
 def ppo(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, out_dir: Path,
-        trust_remote_code: bool = False, work_dir: Path | None = None, suffix: str | None = None) -> StageOutput:
+        spec: LoadSpec | None = None, work_dir: Path | None = None, suffix: str | None = None) -> StageOutput:
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "checkpoints"
-    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, trust_remote_code, suffix)
+    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, spec, suffix)
     metrics = final_metrics(res.history)
     save_trained(res.policy, res.tokenizer, out_dir / "model",
                  {"stage": "ppo", "task": "causal_lm", "config": pcfg.model_dump(mode="json"), "metrics": metrics})
@@ -495,7 +497,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
 
     prompts, renderer, examples = rendered_prompts(cfg, inputs["model"], read_jsonl(inputs["prompts"]))
     write_jsonl(out_dir / "examples.jsonl", examples)
-    return ppo(prompts, inputs["model"], inputs["reward"], cfg.ppo, cfg.seed, out_dir, cfg.model.trust_remote_code,
+    return ppo(prompts, inputs["model"], inputs["reward"], cfg.ppo, cfg.seed, out_dir, load_spec(cfg.model),
                inputs.get("work_dir"), renderer.end_of_turn)
 
 

@@ -33,7 +33,7 @@ def corpus_texts() -> list[str]:
     return out
 
 
-def build_model(out: Path, arch: str = "qwen2") -> Path:
+def build_model(out: Path, arch: str = "qwen2", positions: int = 256) -> Path:
     """A tiny random-init checkpoint in Hugging Face layout, tokenizer trained on the demo-like texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -50,7 +50,7 @@ def build_model(out: Path, arch: str = "qwen2") -> Path:
                                  additional_special_tokens=["<|im_start|>"])
     hf.chat_template = CHATML
     common = dict(vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                   eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id, bos_token_id=None, tie_word_embeddings=True)
     if arch == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM

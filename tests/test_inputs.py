@@ -128,7 +128,8 @@ def test_quarantine_sets_bad_records_aside_in_every_role(tmp_path, monkeypatch):
     d["data"]["bad_records"] = "quarantine"
     cfg_path.write_text(yaml.safe_dump(d))
     files = prepare(load_config(cfg_path))
-    rejected = [json.loads(x) for x in (files["sft"].parent / "sft.jsonl.rejected.jsonl").read_text().splitlines()]
+    rejected_file = Path(split_report(files)["sft"]["rejected_file"])
+    rejected = [json.loads(x) for x in rejected_file.read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rejected] == [(40, "conversation: empty conversation")]
     assert split_report(files)["sft"]["rejected"] == 1
     report = split_report(files)

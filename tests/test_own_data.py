@@ -163,3 +163,13 @@ def test_multi_turn_loss_covers_every_assistant_turn_and_nothing_else(tmp_path, 
     p_ids = r.encode_prompt(msgs[:-1], 512)
     assert tok.decode(p_ids).endswith("<|im_start|>user\nAnd its price?<|im_end|>\n<|im_start|>assistant\n")
     assert r.decode_answer(tok("99 dollars.<|im_end|>\nextra", add_special_tokens=False)["input_ids"]) == "99 dollars."
+
+
+def test_one_loading_description_reaches_every_load():
+    from pipelines.config import ModelConfig
+    from pipelines.modeling import load_spec
+
+    spec = load_spec(ModelConfig(name_or_path="org/model", revision="abc123", dtype="bfloat16", trust_remote_code=True))
+    assert spec.kwargs("org/model") == {"trust_remote_code": True, "revision": "abc123"}
+    assert spec.kwargs("/runs/sft/model") == {"trust_remote_code": True}  # the run's own checkpoints: no revision
+    assert spec.dtype == "bfloat16" and spec.torch_device().type in ("cpu", "cuda")
