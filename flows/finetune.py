@@ -23,7 +23,7 @@ from pipelines.config import PREFERENCE_ALGORITHMS, PipelineConfig, load_config
 from pipelines.chat import check_template
 from pipelines.data import resolve_data
 from tasks.base import base_model_task
-from tasks.stages import STAGE_TASKS, StageResult, _log_metrics
+from tasks.stages import STAGE_TASKS, StageResult
 
 
 StageName = Literal["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate"]
@@ -192,14 +192,11 @@ SANITIZED = ("sft", "preference", "prompts", "eval_text", "eval_qa", "eval_prefe
 
 
 def _log_split(c, parent: str, prepared: dict) -> None:
-    """Where every role's records came from and what was held out (counts and record hashes), on the parent run."""
+    """Where every role's records came from and what was held out (counts and record hashes): the parent run's
+    ``inputs/split.json``."""
     from pipelines.data import split_report
 
-    split = split_report(prepared)
-    c.log_dict(parent, split, "inputs/split.json")
-    metrics = {f"data/{role}_records": float(v["records"]) for role, v in split.items()}
-    metrics.update({f"data/{role}_rejected": float(v["rejected"]) for role, v in split.items() if v.get("rejected")})
-    _log_metrics(c, parent, metrics)
+    c.log_dict(parent, split_report(prepared), "inputs/split.json")
 
 
 def _reward_gate(c, reward_result: StageResult | None, threshold: float, alg: str) -> None:

@@ -248,9 +248,11 @@ def evaluate(models: dict[str, Path], reward_dir: Path | None, eval_text: list[s
     md = markdown_table(table)
     (out_dir / "evaluation.md").write_text(md + "\n", encoding="utf-8")
     chart(table, out_dir / "evaluation.png")
-    parent = {f"{ck}/{m}": v for ck, row in table.items() for m, v in row.items() if np.isfinite(v)}
+    parent = {f"{ck}/{m}": v for ck, row in table.items() for m, v in row.items()
+              if np.isfinite(v) and not m.endswith("_words")}  # answer lengths stay on the child run
     head = f"{len(table)} checkpoints on {len(qa)} held-out questions and {len(eprompts)} held-out prompts"
-    metrics = {**parent, **{f"seconds/{k}": v for k, v in timings.items()}}
+    metrics = {**{f"{ck}/{m}": v for ck, row in table.items() for m, v in row.items() if np.isfinite(v)},
+               **{f"seconds/{k}": v for k, v in timings.items()}}
     return StageOutput(primary="evaluation.json", metrics=metrics, parent_metrics=parent, summary=f"{head}\n\n{md}")
 
 

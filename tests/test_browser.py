@@ -124,7 +124,7 @@ def test_prefect_ui_run_then_mlflow_compare(browser):
     assert runs[1].info.run_name == run["name"]
     assert sorted(o.children(runs[1].info.run_id)) == sorted(o.children(runs[0].info.run_id))
     exp = runs[0].info.experiment_id
-    ctx = browser.new_context(viewport={"width": 1600, "height": 1200},
+    ctx = browser.new_context(viewport={"width": 1600, "height": 2400},  # every metric row of the comparison
                               http_credentials={"username": s.mlflow_user, "password": s.mlflow_password})
     page = ctx.new_page()
     page.set_default_timeout(120_000)  # the MLflow UI is a large bundle; slow on a busy 2-core runner

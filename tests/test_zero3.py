@@ -120,14 +120,14 @@ def test_zero3_reward_model_under_the_deepspeed_launcher_keeps_its_score_head(da
 
 def test_a_failing_rank_fails_the_stage_with_its_own_error(data, tmp_path):
     bad = tmp_path / "sft.jsonl"
-    write_jsonl(bad, [{"prompt": r["prompt"], "answer": r["completion"]} for r in read_jsonl(data["sft"])])
+    write_jsonl(bad, [{"conversation": r["messages"]} for r in read_jsonl(data["sft"])])  # not the canonical key
     cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "template": RAW, "sft": {
         "max_steps": 2, "launcher": "accelerate", "num_processes": 2, "deepspeed": {"zero_stage": 3}}})
     with pytest.raises(RuntimeError) as e:
         launch_stage("sft", cfg, {"sft": bad, "model": data["model"]}, tmp_path / "out", log=lambda line: None)
     first = str(e.value).splitlines()[0]
-    assert re.fullmatch(r"sft: rank [01] failed: KeyError: 'completion'", first), first
-    assert 'p["completion"]' in str(e.value), "the failing rank's traceback follows"
+    assert re.fullmatch(r"sft: rank [01] failed: KeyError: 'messages'", first), first
+    assert 'r["messages"]' in str(e.value), "the failing rank's traceback follows"
 
 
 def test_throughput_bench_smoke_runs_a_recipe_pair_and_zero3_on_cpu(tmp_path, capsys):
