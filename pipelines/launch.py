@@ -318,15 +318,17 @@ def _barrier() -> None:
 
 def probe_prompts(stage: str, cfg: PipelineConfig, inputs: dict[str, Path], n: int = 3) -> list[dict[str, str]]:
     """A few inputs from the stage's own data to record the trained model's outputs on (before it is saved)."""
-    from pipelines.formats import prompt_of
+    def last_user(r: dict) -> str:  # a probe only: records the stage itself will reject still give one
+        turns = r.get("messages", [])[:-1] or r.get("prompt") or [{"content": "The"}]
+        return turns[-1]["content"] if isinstance(turns, list) else str(turns)
 
     if stage == "reward":
         pairs = read_jsonl(inputs.get("eval_preference") or inputs["preference"])[:n + 1]
-        return [{"prompt": prompt_of(p)[-1]["content"], "completion": " " + p[k]} for p in pairs
+        return [{"prompt": last_user(p), "completion": " " + p[k]} for p in pairs
                 for k in ("chosen", "rejected")][: 2 * n]
     for key in ("sft", "preference", "prompts"):
         if key in inputs:
-            return [{"prompt": prompt_of(r)[-1]["content"]} for r in read_jsonl(inputs[key])[:n]]
+            return [{"prompt": last_user(r)} for r in read_jsonl(inputs[key])[:n]]
     if "records" in inputs:
         return [{"prompt": r[cfg.data.text_field][:80]} for r in read_jsonl(inputs["records"])[:n]]
     return [{"prompt": "The"}]
