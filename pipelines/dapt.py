@@ -39,7 +39,9 @@ def replay_texts(renderer, records: list[dict], copies: float) -> list[str]:
     """``copies`` x the sft conversations as the text the renderer makes of them (a fractional part takes a prefix
     of one more copy). Continued pretraining then sees questions in the very format sft and evaluation use."""
     whole, part = int(copies), copies - int(copies)
-    texts = [renderer.text(r["messages"]) for r in records]
+    eos = renderer.tokenizer.eos_token or ""
+    # pack_documents ends every document with EOS itself: a template's own closing EOS would double it
+    texts = [t.removesuffix(eos) if eos else t for t in (renderer.text(r["messages"]) for r in records)]
     return texts * whole + texts[: round(part * len(texts))]
 
 

@@ -127,7 +127,7 @@ def test_instruction_replay_is_spread_evenly_and_keeps_the_curriculum_order():
                                   TemplateConfig(format="plain", user="{content}\nAnswer:", assistant=" {content}"))
     pairs = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
              for i in range(4)]
-    extra = [t.removesuffix("</s>") for t in replay_texts(renderer, pairs, 1.5)]
+    extra = replay_texts(renderer, pairs, 1.5)  # no closing EOS: packing adds one per document
     assert extra == ["Q0\nAnswer: a0", "Q1\nAnswer: a1", "Q2\nAnswer: a2", "Q3\nAnswer: a3",
                      "Q0\nAnswer: a0", "Q1\nAnswer: a1"]
     corpus = [f"doc{i}" for i in range(12)]
