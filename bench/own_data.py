@@ -62,7 +62,7 @@ def stage_seconds(home: Path) -> dict[str, float]:
 
 def run(cmd: list[str], cwd: Path, home: Path) -> float:
     env = {**os.environ, "TUNEWRIGHT_HOME": str(home), "TUNEWRIGHT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
-           "PREFECT_HOME": str(home / "prefect"), "PYTHONPATH": str(cwd)}
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PYTHONPATH": str(cwd)}
     env.pop("MLFLOW_TRACKING_URI", None)
     t = time.time()
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
