@@ -120,14 +120,18 @@ class Renderer:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def encode(self, messages: Messages, max_length: int) -> tuple[list[int], list[int]]:
-        """Token ids and the loss mask (1 on assistant turns) of a conversation, keeping its last ``max_length``."""
+    def _encode_all(self, messages: Messages) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         mask: list[int] = []
         for text, trained in self.segments(messages):
             t = self._ids(text)
             ids += t
             mask += [int(trained)] * len(t)
+        return ids, mask
+
+    def encode(self, messages: Messages, max_length: int) -> tuple[list[int], list[int]]:
+        """Token ids and the loss mask (1 on assistant turns) of a conversation, keeping its last ``max_length``."""
+        ids, mask = self._encode_all(messages)
         return ids[-max_length:], mask[-max_length:]
 
     def encode_prompt(self, messages: Messages, max_length: int) -> list[int]:
@@ -143,6 +147,14 @@ class Renderer:
         a_ids = a_ids[: max(max_length - len(p_ids), max_length // 2)]
         room = max_length - len(a_ids)
         return (p_ids[-room:] if room > 0 else []), a_ids
+
+    def encode_preference(self, pair: dict[str, Any], max_length: int) -> dict[str, list[int]]:
+        """TRL's tokenized preference columns (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) of a canonical pair:
+        one prompt for both answers, keeping its end within ``max_length``."""
+        prompt, chosen = self.encode_pair(pair["prompt"], pair["chosen"], max_length)
+        prompt_r, rejected = self.encode_pair(pair["prompt"], pair["rejected"], max_length)
+        keep = min(len(prompt), len(prompt_r))
+        return {"prompt_ids": prompt[len(prompt) - keep:], "chosen_ids": chosen, "rejected_ids": rejected}
 
     def _stop_ids(self) -> list[int]:
         """EOS and the template's end-of-turn token (e.g. ``<|im_end|>``), which ends an answer."""
@@ -175,10 +187,16 @@ class Renderer:
 
     def example(self, messages: Messages, max_length: int) -> dict[str, Any]:
         """One row of a stage's ``examples.jsonl``: what the model is asked and what it trains on."""
-        ids, mask = self.encode(messages, max_length)
+        ids, mask = self._encode_all(messages)
         prompt = self.prompt(messages[:-1]) if messages and messages[-1]["role"] == "assistant" else self.prompt(messages)
-        return {"prompt_text": prompt, "trained_text": self.text(messages), "tokens": len(ids),
-                "trained_tokens": int(sum(mask)), "truncated": len(self._ids(self.text(messages))) > max_length}
+        return {"prompt_text": prompt, "trained_text": self.text(messages), "tokens": min(len(ids), max_length),
+                "trained_tokens": int(sum(mask[-max_length:])), "truncated": len(ids) > max_length}
+
+    def preference_example(self, pair: dict[str, Any], max_length: int) -> dict[str, Any]:
+        """An ``examples.jsonl`` row of a preference pair: the chosen conversation, and the rejected one's text."""
+        chosen = list(pair["prompt"]) + [{"role": "assistant", "content": pair["chosen"]}]
+        rejected = list(pair["prompt"]) + [{"role": "assistant", "content": pair["rejected"]}]
+        return {**self.example(chosen, max_length), "rejected_text": self.text(rejected)}
 
 
 def _adds_bos(tokenizer) -> bool:

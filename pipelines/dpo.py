@@ -34,26 +34,6 @@ def loss_kwargs(dcfg: DPOStageConfig) -> dict:
     return {"loss_type": [dcfg.loss_type]}
 
 
-def preference_rows(renderer: Renderer, pairs: list[dict], max_length: int) -> list[dict[str, list[int]]]:
-    """TRL's tokenized preference columns, from the renderer (the prompt keeps its end within ``max_length``)."""
-    rows = []
-    for p in pairs:
-        prompt, c = renderer.encode_pair(p["prompt"], p["chosen"], max_length)
-        prompt_r, r = renderer.encode_pair(p["prompt"], p["rejected"], max_length)
-        keep = min(len(prompt), len(prompt_r))
-        rows.append({"prompt_ids": prompt[len(prompt) - keep:], "chosen_ids": c, "rejected_ids": r})
-    return rows
-
-
-def preference_examples(renderer: Renderer, pairs: list[dict], max_length: int) -> list[dict]:
-    out = []
-    for p in pairs[:N_EXAMPLES]:
-        conv = list(p["prompt"]) + [{"role": "assistant", "content": p["chosen"]}]
-        rejected = list(p["prompt"]) + [{"role": "assistant", "content": p["rejected"]}]
-        out.append({**renderer.example(conv, max_length), "rejected_text": renderer.text(rejected)})
-    return out
-
-
 def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out_dir: Path,
         spec: LoadSpec | None = None, work_dir: Path | None = None,
         template: TemplateConfig | None = None) -> StageOutput:
@@ -72,8 +52,8 @@ def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out
     renderer = Renderer.for_model(tokenizer, template or TemplateConfig(), str(model_dir))
     peft_cfg = lora_config(dcfg.peft)
     ref = None if peft_cfg is not None else load_model(model_dir, dtype=spec.dtype, **spec.kwargs(model_dir))
-    train = Dataset.from_list(preference_rows(renderer, pairs, dcfg.max_length))
-    write_jsonl(out_dir / EXAMPLES, preference_examples(renderer, pairs, dcfg.max_length))
+    train = Dataset.from_list([renderer.encode_preference(p, dcfg.max_length) for p in pairs])
+    write_jsonl(out_dir / EXAMPLES, [renderer.preference_example(p, dcfg.max_length) for p in pairs[:N_EXAMPLES]])
     work_dir = work_dir or out_dir / "checkpoints"
     args = DPOConfig(**trainer_kwargs(dcfg, work_dir, seed), max_length=dcfg.max_length, beta=dcfg.beta,
                      label_smoothing=dcfg.label_smoothing, **loss_kwargs(dcfg))

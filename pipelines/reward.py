@@ -25,7 +25,7 @@ from pipelines.chat import Renderer
 from pipelines.config import PipelineConfig, RewardStageConfig, TemplateConfig
 from pipelines.modeling import LoadSpec, load_model, load_spec, seed_everything
 from pipelines.training import (
-    EXAMPLES, last_checkpoint, load_trainable, log_history_metrics, lora_config, save_trained, trainer_kwargs,
+    EXAMPLES, N_EXAMPLES, last_checkpoint, load_trainable, log_history_metrics, lora_config, save_trained, trainer_kwargs,
 )
 
 
@@ -79,15 +79,13 @@ def reward(pairs: list[dict], eval_pairs: list[dict], model_dir: Path, rcfg: Rew
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from pipelines.dpo import preference_examples, preference_rows
-
     seed_everything(seed)
     tokenizer, model = load_trainable(model_dir, rcfg.peft, "reward", spec, task="reward")
     renderer = Renderer.for_model(tokenizer, template or TemplateConfig(), str(model_dir))
-    rows = preference_rows(renderer, pairs, rcfg.max_length)
+    rows = [renderer.encode_preference(p, rcfg.max_length) for p in pairs]
     train = Dataset.from_list([{"chosen_ids": r["prompt_ids"] + r["chosen_ids"],
                                 "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows])
-    write_jsonl(out_dir / EXAMPLES, preference_examples(renderer, pairs, rcfg.max_length))
+    write_jsonl(out_dir / EXAMPLES, [renderer.preference_example(p, rcfg.max_length) for p in pairs[:N_EXAMPLES]])
     work_dir = work_dir or out_dir / "checkpoints"
     args = RewardConfig(**trainer_kwargs(rcfg, work_dir, seed), max_length=rcfg.max_length)
     # LoRA reward models must save the freshly initialised score head with the adapter.
