@@ -18,7 +18,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES: tuple[str, ...] = ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate")
+STAGES: tuple[str, ...] = ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate",
+                           "export")
 PREFERENCE_ALGORITHMS = ("dpo", "ppo", "grpo")
 
 
@@ -366,6 +367,48 @@ class EvaluateConfig(Strict):
     max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts for win rate and KL.")
 
 
+class GuardConfig(Strict):
+    """A metric the candidate must not regress on, against the champion (or, for a name's first version, against
+    its own sft checkpoint; a guard whose reference has no value is reported as not applicable)."""
+
+    metric: str
+    max_drop: float | None = Field(None, ge=0, description="Higher-is-better: at most this far below the reference.")
+    max_rise: float | None = Field(None, ge=0, description="Lower-is-better: at most this far above the reference.")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GuardConfig:
+        if (self.max_drop is None) == (self.max_rise is None):
+            raise ValueError(f"guard {self.metric}: set exactly one of max_drop (higher is better) or max_rise")
+        return self
+
+
+class PromotionConfig(Strict):
+    """The gate that moves the registry alias (``champion``) to a new export."""
+
+    enabled: bool = Field(True, description="Gate every export; False: register only (promote by hand).")
+    alias: str = "champion"
+    metric: str = Field("rm_win_rate_vs_sft", description="A metric of the exported checkpoint's evaluation row.")
+    higher_is_better: bool = True
+    margin: float = Field(0.0, ge=0, description="The candidate must beat the reference by more than this.")
+    first_reference: float | None = Field(
+        0.5, description="The value the metric has for the run's own sft (what a name's first version must beat); "
+                         "0.5 for a win rate against sft. None: read the sft row of the evaluation.")
+    guards: tuple[GuardConfig, ...] = (
+        GuardConfig(metric="qa_exact_match", max_drop=0.05),
+        GuardConfig(metric="qa_rouge_l", max_drop=0.05),
+        GuardConfig(metric="kl_to_sft", max_rise=2.0),
+    )
+
+
+class ExportConfig(Strict):
+    enabled: bool = True
+    registered_model: str | None = Field(None, description="Registry name; default tunewright-<config name>.")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Cast the exported weights (None: the dtype the run loads models in, model.dtype).")
+    max_shard_size: str = Field("5GB", description="Safetensors shard size of the exported weights.")
+    promote: PromotionConfig = PromotionConfig()
+
+
 class PipelineConfig(Strict):
     seed: int = 0
     data: DataConfig
@@ -381,16 +424,21 @@ class PipelineConfig(Strict):
     ppo: PPOStageConfig = PPOStageConfig()
     grpo: GRPOStageConfig = GRPOStageConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     template: TemplateConfig = TemplateConfig()
     name: str = Field("pipeline", description="Set from the config file's stem; the tunewright.pipeline tag.")
     base_dir: str = Field(".", description="Directory that relative data paths resolve against (the file's).")
 
     def active_stages(self) -> list[str]:
-        """Stages this config runs, in order: one preference algorithm, then evaluate."""
-        return ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", self.preference.algorithm, "evaluate"]
+        """Stages this config runs, in order: one preference algorithm, evaluate, then export (unless disabled)."""
+        return ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", self.preference.algorithm, "evaluate",
+                *(["export"] if self.export.enabled else [])]
 
     def stage_config(self, stage: str) -> BaseModel:
         return getattr(self, stage)
+
+    def registered_model(self) -> str:
+        return self.export.registered_model or f"tunewright-{self.name}"
 
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()

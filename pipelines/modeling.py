@@ -299,6 +299,23 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, spec: LoadSp
     save_model(merged, tokenizer, out_dir, {**manifest, "kind": "full", "merged_from": manifest.get("stage")})
 
 
+def materialize(ref: ArtifactRef, spec: LoadSpec | None = None) -> Path:
+    """A local path for a stage input: a data file, or a full-weights model directory (adapters merged onto their
+    base, recursively, once per content hash under ``$TUNEWRIGHT_HOME/cache/merged/``)."""
+    from pipelines import tracking
+
+    path = tracking.fetch(ref)
+    if path.is_dir() and (path / "records.jsonl").is_file():
+        return path / "records.jsonl"
+    if path.is_dir() and (path / MANIFEST).is_file() and read_manifest(path).get("kind") == "adapter":
+        merged = tracking.home() / "cache" / "merged" / ref.sha256
+        if not merged.exists():
+            base = ArtifactRef.from_dict(read_manifest(path)["base"])
+            merge_adapter(materialize(base, spec), path, merged, spec)
+        return merged
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

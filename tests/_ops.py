@@ -25,7 +25,7 @@ from deployments.stack import Stack, basic_auth_header, free_port
 from tests.conftest import ROOT, TINY, copy_config
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-STAGES = ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate"]
+STAGES = ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate", "export"]
 
 
 def _token(prefix: str, n: int) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import TINY, copy_config
 
-STAGES = ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate"]
+STAGES = ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate", "export"]
 
 
 def children(parent_run_id: str) -> dict[str, object]:
@@ -157,4 +157,99 @@ def test_editing_sft_config_invalidates_sft_and_after(first, cfg_dir):
     out = finetune(cfg)
     cache = {s: r["cache"] for s, r in out["stages"].items()}
     assert cache == {"sanitize": "hit", "dedup": "hit", "curriculum": "hit", "dapt": "hit",
-                     "sft": "miss", "reward": "miss", "dpo": "miss", "evaluate": "miss"}
+                     "sft": "miss", "reward": "miss", "dpo": "miss", "evaluate": "miss", "export": "miss"}
+
+
+STANDALONE = r'''
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+d, questions, out = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+tok = AutoTokenizer.from_pretrained(d)
+model = AutoModelForCausalLM.from_pretrained(d).eval()
+gc = GenerationConfig.from_pretrained(d)
+rows = []
+for msgs in questions:
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        logits = model(**enc).logits[0, -1]
+        gen = model.generate(**enc, generation_config=gc, tokenizer=tok)[0, enc["input_ids"].shape[1]:]
+    text = tok.decode(gen, skip_special_tokens=True)
+    for s in gc.stop_strings or []:
+        text = text.split(s, 1)[0]
+    rows.append({"prompt": tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                 "answer": text, "logits": logits[:50].tolist()})
+json.dump(rows, open(out, "w"))
+'''
+
+
+def test_export_loads_standalone_and_answers_like_evaluate(first, tmp_path):
+    """The export run's model/ loads in a fresh process with plain transformers only (copied away from the run's
+    cache): same prompt as evaluate rendered, same greedy answers, the same logits as the merged dpo checkpoint."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from pipelines import tracking
+    from pipelines.artifacts import ArtifactRef, read_jsonl
+    from pipelines.data import resolve_data
+    from pipelines.export import EXPORT_MANIFEST
+    from pipelines.modeling import load_model, materialize
+
+    cfg, out = first
+    kids = children(out["parent_run_id"])
+    ex = kids["export"]
+    ref = ArtifactRef(ex.info.run_id, "model", ex.data.tags["tunewright.output_sha256"], "export")
+    d = tmp_path / "standalone"
+    shutil.copytree(tracking.fetch(ref), d)
+    files = {p.name for p in d.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "MLmodel", EXPORT_MANIFEST} <= files
+    assert not any(f.endswith((".bin", ".pt")) for f in files) and "adapter_config.json" not in files
+    manifest = json.loads((d / EXPORT_MANIFEST).read_text())
+    assert manifest["checkpoint"] == "dpo"
+    assert manifest["evaluation"] == out["evaluation"]["dpo"]
+    for s in ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate"):
+        assert manifest["lineage"][s]["run_id"] == kids[s].info.run_id
+        assert manifest["lineage"][s]["sha256"] == kids[s].data.tags["tunewright.output_sha256"]
+    qa = read_jsonl(resolve_data(cfg)["eval_qa"])[:6]
+    (tmp_path / "q.json").write_text(json.dumps([q["messages"][:-1] for q in qa]))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("TUNEWRIGHT", "MLFLOW", "PREFECT"))}
+    subprocess.run([sys.executable, "-c", STANDALONE, str(d), str(tmp_path / "q.json"), str(tmp_path / "a.json")],
+                   check=True, cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    got = json.loads((tmp_path / "a.json").read_text())
+    pred_file = tracking.client().download_artifacts(kids["evaluate"].info.run_id, "qa_predictions.jsonl", str(tmp_path))
+    preds = {p["question"]: p for p in read_jsonl(Path(pred_file)) if p["checkpoint"] == "dpo"}
+    for q, g in zip(qa, got):
+        p = preds[q["messages"][-2]["content"]]
+        assert g["prompt"] == p["prompt_text"], "the export renders the prompt evaluate scored"
+        assert g["answer"] == p["prediction"]
+    merged = load_model(materialize(ArtifactRef(kids["dpo"].info.run_id, "model",
+                                                kids["dpo"].data.tags["tunewright.output_sha256"], "dpo"))).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(d))
+    enc = tok.apply_chat_template(qa[0]["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    with torch.inference_mode():
+        ref_logits = merged(**enc).logits[0, -1, :50]
+    assert torch.allclose(torch.tensor(got[0]["logits"]), ref_logits, atol=1e-4), "every adapter merged as trained"
+
+
+def test_export_is_registered_as_a_version(first):
+    from pipelines import tracking
+    from pipelines.promote import TAG_CHECKPOINT, TAG_DECISION, TAG_EXPORT_RUN, TAG_METRICS
+
+    cfg, out = first
+    kids = children(out["parent_run_id"])
+    c = tracking.client()
+    versions = c.search_model_versions(f"name = '{cfg.registered_model()}'")
+    ex_run = kids["export"].info.run_id
+    mine = [v for v in versions if v.run_id == ex_run]
+    assert len(mine) == 1
+    v = mine[0]
+    assert v.tags[TAG_CHECKPOINT] == "dpo" and v.tags[TAG_EXPORT_RUN] == ex_run
+    assert json.loads(v.tags[TAG_METRICS]) == out["evaluation"]["dpo"]
+    assert v.tags[TAG_DECISION] in ("promoted", "rejected")
+    assert out["promotion"]["version"] == v.version and out["promotion"]["decision"] == v.tags[TAG_DECISION]
