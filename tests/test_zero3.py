@@ -92,6 +92,19 @@ def test_zero3_sft_on_two_ranks_logs_its_config_and_a_model_that_reloads_without
                                                   pad_token_id=tok.pad_token_id)
     assert base_out[0, ids["input_ids"].shape[1]:].tolist() != probe["tokens"], "the adapter changes the output"
 
+    # The export of the ZeRO-3-trained checkpoint stands alone: full weights with no empty tensor, loaded with
+    # plain transformers, generating what the trained model generated.
+    from transformers import AutoModelForCausalLM
+
+    ex = execute_stage("export", cfg, {"model": res.ref, "lineage.sft": res.ref}, parent)
+    export_dir = tracking.fetch(ex.ref)
+    weights = tensors(export_dir / "model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
+    assert not (export_dir / "adapter_config.json").exists()
+    standalone = AutoModelForCausalLM.from_pretrained(str(export_dir)).eval()
+    out = standalone.generate(**ids, max_new_tokens=len(probe["tokens"]), do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out[0, ids["input_ids"].shape[1]:].tolist() == probe["tokens"]
+
 
 def test_zero3_reward_model_under_the_deepspeed_launcher_keeps_its_score_head(data, tmp_path):
     cfg = PipelineConfig.model_validate({"data": {"demo": True}, "model": {"scratch": {}}, "template": RAW, "reward": {
