@@ -6,6 +6,7 @@
     tunewright compare RUN_ID RUN_ID...
     tunewright deploy
     tunewright stages
+    tunewright serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--served-model-name NAME]
 
 Bad input (config, missing file, bad record) is reported as one line and exit code 2, never a traceback.
 """
@@ -214,6 +215,29 @@ def deploy() -> None:
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
            str(root / "deployments" / "prefect.yaml")]
     sys.exit(subprocess.call(cmd, cwd=root))
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="A model directory, models:/NAME@ALIAS, models:/NAME/VERSION or a run id")],
+    host: Annotated[str, typer.Option(help="Listen address; beyond loopback needs an API key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Listen port")] = 8000,
+    api_key_env: Annotated[Optional[str], typer.Option(
+        "--api-key-env", metavar="VAR", help="Environment variable holding the API key (default: "
+                                             "TUNEWRIGHT_SERVE_API_KEY when set); clients send Bearer <key>")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(
+        help="The model's name in the API (default: registered model name, or directory name)")] = None,
+    device: Annotated[str, typer.Option(help="Device map for loading: auto, cpu, cuda:0...")] = "auto",
+) -> None:
+    """An OpenAI-compatible chat endpoint (/v1/chat/completions, /v1/models) for a model (transformers serve)."""
+    from pipelines.serve import ServeError, api_key_from_env
+    from pipelines.serve import serve as serve_model
+
+    try:
+        serve_model(model, host, port, api_key_from_env(api_key_env), served_model_name=served_model_name,
+                    device=device, log=lambda m: typer.echo(m, err=True))
+    except ServeError as e:
+        fail(str(e))
 
 
 @app.command()
