@@ -66,11 +66,12 @@ def test_stages_lists_the_contract_order(tmp_path):
     p = tw("stages", env_home=tmp_path)
     assert p.returncode == 0
     names = [ln.split()[0] for ln in p.stdout.splitlines()]
-    assert names == ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate"]
+    assert names == ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate",
+                     "export"]
 
 
 def test_every_stage_runs_alone_with_help():
-    for stage in ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate"):
+    for stage in ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate", "export", "promote"):
         p = subprocess.run([sys.executable, "-m", f"pipelines.{stage}", "--help"], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 0, (stage, p.stderr)

@@ -17,7 +17,7 @@ def test_shipped_configs_validate(path: Path):
     cfg = load_config(path)
     assert cfg.name == path.stem
     assert cfg.active_stages()[:6] == ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward"]
-    assert cfg.active_stages()[-1] == "evaluate"
+    assert cfg.active_stages()[-2:] == ["evaluate", "export"]
     assert path.read_text().lstrip().startswith("#"), "every shipped config opens with a header comment"
 
 
@@ -49,7 +49,7 @@ def test_bad_value_and_bounds(tmp_path):
         load_config(_write(tmp_path, BASE + "sft:\n  epochs: 0\n"))
     with pytest.raises(ConfigError, match=r"preference.algorithm: Input should be 'dpo', 'ppo' or 'grpo'"):
         load_config(_write(tmp_path, BASE + "preference: {algorithm: kto}\n"))
-    assert load_config(_write(tmp_path, BASE + "preference: {algorithm: ppo}\n")).active_stages()[-2] == "ppo"
+    assert load_config(_write(tmp_path, BASE + "preference: {algorithm: ppo}\n")).active_stages()[-3] == "ppo"
 
 
 def test_model_needs_exactly_one_source(tmp_path):
@@ -88,3 +88,18 @@ def test_config_is_frozen(tmp_path):
     with pytest.raises(Exception):
         cfg.seed = 3  # type: ignore[misc]
     assert isinstance(cfg, PipelineConfig)
+
+
+def test_export_block(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.registered_model() == f"tunewright-{cfg.name}" and cfg.export.promote.alias == "champion"
+    off = load_config(_write(tmp_path, BASE + "export: {enabled: false}\n"))
+    assert "export" not in off.active_stages()
+    named = load_config(_write(tmp_path, BASE + "export: {registered_model: acme-support}\n"))
+    assert named.registered_model() == "acme-support"
+    with pytest.raises(ConfigError, match="exactly one of max_drop"):
+        load_config(_write(tmp_path, BASE + "export: {promote: {guards: [{metric: qa_f1}]}}\n"))
+    with pytest.raises(ConfigError, match="exactly one of max_drop"):
+        load_config(_write(tmp_path, BASE + "export: {promote: {guards: [{metric: qa_f1, max_drop: 0.1, max_rise: 1}]}}\n"))
+    with pytest.raises(ConfigError, match=r"export\.dtype"):
+        load_config(_write(tmp_path, BASE + "export: {dtype: int3}\n"))

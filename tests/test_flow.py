@@ -253,3 +253,39 @@ def test_export_is_registered_as_a_version(first):
     assert json.loads(v.tags[TAG_METRICS]) == out["evaluation"]["dpo"]
     assert v.tags[TAG_DECISION] in ("promoted", "rejected")
     assert out["promotion"]["version"] == v.version and out["promotion"]["decision"] == v.tags[TAG_DECISION]
+
+
+def test_cli_export_works_on_any_finished_run(first, tmp_path, tw_home):
+    """``tunewright export RUN_ID OUT_DIR``: a parent run gives its export; a stage run (here sft, which has no
+    export of its own) is exported now from its checkpoint; an unknown run is one line and exit code 2."""
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.artifacts import sha256_path
+    from pipelines.export import EXPORT_MANIFEST
+    from tests.conftest import ROOT
+
+    _, out = first
+    kids = children(out["parent_run_id"])
+    env = {**os.environ, "TUNEWRIGHT_HOME": str(tw_home)}
+
+    def export(run_id: str, dest: Path):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "export", run_id, str(dest)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    r = export(out["parent_run_id"], tmp_path / "final")
+    assert r.returncode == 0, r.stderr
+    assert sha256_path(tmp_path / "final") == kids["export"].data.tags["tunewright.output_sha256"]
+    r = export(kids["sft"].info.run_id, tmp_path / "sft")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "sft" / EXPORT_MANIFEST).read_text())
+    assert m["checkpoint"] == "sft" and m["evaluation"] == out["evaluation"]["sft"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "sft")).chat_template
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft"))
+    r = export("0" * 32, tmp_path / "none")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: run 000")
+    assert not (tmp_path / "none").exists()

@@ -77,8 +77,21 @@ def test_whole_pipeline_on_own_model_and_formats(own_run):
     from pipelines import tracking
 
     cfg, _, out = own_run
-    assert list(out["stages"]) == ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate"]
+    assert list(out["stages"]) == ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate",
+                                   "export"]
     parent = tracking.client().get_run(out["parent_run_id"])
+    # the export keeps the model's own chat template (ChatML here), stopping at its end-of-turn token
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from pipelines.artifacts import ArtifactRef
+
+    ex = tracking.client().search_runs([tracking.experiment_id()], f"tags.mlflow.parentRunId = '{out['parent_run_id']}' "
+                                       "and tags.`tunewright.stage` = 'export'")[0]
+    d = tracking.fetch(ArtifactRef(ex.info.run_id, "model", ex.data.tags["tunewright.output_sha256"], "export"))
+    tok = AutoTokenizer.from_pretrained(str(d))
+    assert tok.chat_template == AutoTokenizer.from_pretrained(cfg.model.name_or_path).chat_template
+    eos = GenerationConfig.from_pretrained(str(d)).eos_token_id
+    assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
     m = parent.data.metrics
     for ck in ("base", "dapt", "sft", "dpo"):
         assert m[f"{ck}/domain_ppl"] > 1.0

@@ -201,3 +201,31 @@ def test_two_exports_at_once_cannot_crown_the_worse(mlflow_server, tmp_path):
     else:  # the worse one went first and was champion until the better one beat it
         assert b["reference_version"] == w["version"] and b["reference"] == pytest.approx(0.6)
         assert w["decision"] == b["decision"] == "promoted"
+
+
+# ------------------------------------------------------------------------------------------------ the gate alone
+def test_gate_rules():
+    from pipelines.config import PromotionConfig
+    from pipelines.promote import gate
+
+    p = PromotionConfig()
+    sft = {"qa_exact_match": 0.40, "qa_rouge_l": 0.60}
+    ok, why, d = gate({"rm_win_rate_vs_sft": 0.70, "qa_exact_match": 0.38, "qa_rouge_l": 0.58, "kl_to_sft": 5.0},
+                      p, None, sft)
+    assert ok and d["reference"] == 0.5 and "own sft" in why
+    assert [g["status"] for g in d["guards"]] == ["ok", "ok", "n/a"]  # sft has no KL to itself in the table
+    ok, why, _ = gate({"rm_win_rate_vs_sft": 0.70, "qa_exact_match": 0.30, "qa_rouge_l": 0.58}, p, None, sft)
+    assert not ok and "qa_exact_match 0.300 vs 0.400 (drop 0.100 > 0.05)" in why
+    champ = {"rm_win_rate_vs_sft": 0.70, "qa_exact_match": 0.40, "qa_rouge_l": 0.60, "kl_to_sft": 4.0}
+    ok, why, _ = gate({**champ, "rm_win_rate_vs_sft": 0.70}, p, champ, sft)
+    assert not ok and "not > by more than margin" in why  # a tie does not move the alias
+    ok, why, _ = gate({**champ, "rm_win_rate_vs_sft": 0.75, "kl_to_sft": 6.5}, p, champ, sft)
+    assert not ok and "kl_to_sft 6.500 vs 4.000 (rise 2.500 > 2.0)" in why
+    ok, _, _ = gate({**champ, "rm_win_rate_vs_sft": 0.75, "kl_to_sft": 5.5}, p, champ, sft)
+    assert ok
+    ok, why, _ = gate({"qa_exact_match": 0.5}, p, champ, sft)
+    assert not ok and "rm_win_rate_vs_sft is not in the evaluation" in why
+    low = PromotionConfig(metric="domain_ppl", higher_is_better=False, margin=1.0, first_reference=None, guards=())
+    assert gate({"domain_ppl": 8.0}, low, {"domain_ppl": 10.0}, None)[0]
+    assert not gate({"domain_ppl": 9.5}, low, {"domain_ppl": 10.0}, None)[0]
+    assert not gate({"domain_ppl": 8.0}, low, None, {"domain_ppl": 7.0})[0]  # first version: beat own sft
