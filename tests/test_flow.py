@@ -289,3 +289,24 @@ def test_cli_export_works_on_any_finished_run(first, tmp_path, tw_home):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: run 000")
     assert not (tmp_path / "none").exists()
+
+
+def test_serve_the_run_and_ask_held_out_questions(first, tmp_path, tw_home):
+    """``tunewright serve PARENT_RUN_ID`` on a loopback port serves the run's export: held-out demo questions get
+    the answers evaluate scored for the exported checkpoint (same template, same greedy decoding)."""
+    from pipelines import tracking
+    from pipelines.artifacts import read_jsonl
+    from pipelines.data import resolve_data
+    from tests.test_serve import complete, running, serve_env
+
+    cfg, out = first
+    kids = children(out["parent_run_id"])
+    pred_file = tracking.client().download_artifacts(kids["evaluate"].info.run_id, "qa_predictions.jsonl", str(tmp_path))
+    preds = {p["question"]: p["prediction"] for p in read_jsonl(Path(pred_file)) if p["checkpoint"] == "dpo"}
+    qa = read_jsonl(resolve_data(cfg)["eval_qa"])[:4]
+    with running([out["parent_run_id"]], serve_env(tw_home), tmp_path / "serve.log") as url:
+        for q in qa:
+            body = {"model": out["parent_run_id"], "messages": q["messages"][:-1],
+                    "max_tokens": cfg.evaluate.max_new_tokens}
+            answer = complete(url, body)["choices"][0]["message"]["content"]
+            assert answer.strip() == preds[q["messages"][-2]["content"]].strip()
