@@ -144,6 +144,10 @@ class Stack:
     tunewright_home: Path | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
     server_env: dict[str, str] = field(default_factory=dict)
+    # MLflow's own cache of verified credentials (basic_auth.ini ``auth_cache_ttl_seconds``): without it the server
+    # re-hashes the password on every request (~250 ms here), the main cost of a run against the stack. With one
+    # worker (``--workers 1``) a password change through the API takes effect at once; 0 turns the cache off.
+    mlflow_auth_cache_s: int = 60
 
     @classmethod
     def from_env_file(cls, env_file: Path | None = None, state_dir: Path | None = None) -> Stack:
@@ -284,7 +288,8 @@ class Stack:
         # The admin password is not written here: MLflow reads MLFLOW_AUTH_ADMIN_PASSWORD when it creates the admin.
         ini.write_text("[mlflow]\ndefault_permission = READ\n"
                        f"database_uri = sqlite:///{d / 'auth.db'}\nadmin_username = {self.mlflow_user}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       f"auth_cache_ttl_seconds = {int(self.mlflow_auth_cache_s)}\n")
         env = self._env(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=self.mlflow_password,
                         MLFLOW_FLASK_SERVER_SECRET_KEY=self.flask_secret, **self.server_env)
         self._spawn("mlflow-server", [

@@ -56,8 +56,7 @@ def run_stage(stage: str, config: PipelineConfig, inputs: dict[str, dict[str, An
     out = result_to_dict(res)
     # The caller finds its result in MLflow by this flow run's id: no Prefect result storage has to be shared.
     c = tracking.client()
-    tracking.with_retries(lambda: c.set_tag(res.run_id, TAG_FLOW_RUN, str(flow_run.get_id())), "set tag")
-    tracking.with_retries(lambda: c.set_tag(res.run_id, TAG_RESULT, json.dumps(out)), "set tag")
+    tracking.log_batch(c, res.run_id, tags={TAG_FLOW_RUN: str(flow_run.get_id()), TAG_RESULT: json.dumps(out)})
     get_run_logger().info("%s: %s (MLflow run %s)", stage, res.summary.splitlines()[0] if res.summary else "done",
                           res.run_id)
     return out

@@ -83,8 +83,7 @@ def _parent_run(cfg: PipelineConfig) -> str:
         tags["prefect.flow_run_url"] = ui_url
     run = tracking.with_retries(lambda: c.create_run(tracking.experiment_id(), run_name=name, tags=tags), "create run")
     rid = run.info.run_id
-    for k, v in tracking.flatten(cfg.model_dump(mode="json", exclude={"base_dir"})).items():
-        c.log_param(rid, k, v)
+    tracking.log_batch(c, rid, params=tracking.flatten(cfg.model_dump(mode="json", exclude={"base_dir"})))
     c.log_text(rid, json.dumps(cfg.model_dump(mode="json", exclude={"base_dir"}), indent=2), "config.json")
     _link_flow_run(rid)
     return rid
@@ -176,7 +175,7 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
             report.evaluation = json.loads(materialize(ev).read_text())
             report.evaluation_md = results["evaluate"].summary
         report.seconds = time.time() - t0
-        c.log_metric(parent, "pipeline_seconds", report.seconds)
+        tracking.log_batch(c, parent, metrics={"pipeline_seconds": report.seconds})
         c.log_text(parent, json.dumps(report.__dict__, indent=2, default=str), "run_report.json")
         _publish(report)
         tracking.with_retries(lambda: c.set_terminated(parent, "FINISHED"), "end run")

@@ -76,21 +76,72 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
     raise AssertionError("unreachable")
 
 
-def experiment_id() -> str:
+_EXPERIMENT_IDS: dict[tuple[str, str], str] = {}
+
+
+def experiment_id(name: str = EXPERIMENT) -> str:
+    """The id of experiment ``name`` (created if missing), looked up once per process and tracking URI."""
+    key = (tracking_uri(), name)
+    if key in _EXPERIMENT_IDS:
+        return _EXPERIMENT_IDS[key]
     c = client()
-    exp = with_retries(lambda: c.get_experiment_by_name(EXPERIMENT), "get experiment")
+    exp = with_retries(lambda: c.get_experiment_by_name(name), "get experiment")
     if exp is not None:
+        _EXPERIMENT_IDS[key] = exp.experiment_id
         return exp.experiment_id
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (home() / "artifacts").as_uri()
     try:
-        return with_retries(lambda: c.create_experiment(EXPERIMENT, artifact_location=location), "create experiment")
+        eid = with_retries(lambda: c.create_experiment(name, artifact_location=location), "create experiment")
     except Exception:  # created concurrently by another process: read it back
-        exp = c.get_experiment_by_name(EXPERIMENT)
+        exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
-        return exp.experiment_id
+        eid = exp.experiment_id
+    _EXPERIMENT_IDS[key] = eid
+    return eid
+
+
+# ------------------------------------------------------------------------------------------------ batch logging
+def _batch_limits() -> tuple[int, int, int]:
+    """MLflow's per-request limits (``mlflow.utils.validation``): params and tags each, metrics, all entities."""
+    try:
+        from mlflow.utils import validation as v
+
+        return v.MAX_PARAMS_TAGS_PER_BATCH, v.MAX_METRICS_PER_BATCH, v.MAX_ENTITIES_PER_BATCH
+    except (ImportError, AttributeError):  # the documented REST limits
+        return 100, 1000, 1000
+
+
+def log_batch(c, run_id: str, *, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
+              metrics: dict[str, Any] | None = None, step: int = 0) -> int:
+    """Log params, tags and metrics on one run in as few requests as MLflow allows; return the request count.
+
+    One ``log_batch`` request carries at most 100 params, 100 tags and 1000 metrics, 1000 entities in all (the
+    limits of the installed MLflow, ``mlflow.utils.validation``). Each request is retried on its own
+    (:func:`with_retries`): re-logging a param with the same value and re-setting a tag are no-ops. Params and tags
+    are logged as strings; metrics that are not finite numbers are skipped (one ``inf`` would fail the request).
+    """
+    import math
+
+    from mlflow.entities import Metric, Param, RunTag
+
+    per_kind, max_metrics, max_entities = _batch_limits()
+    now = int(time.time() * 1000)
+    ps = [Param(k, str(v)) for k, v in (params or {}).items()]
+    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
+          if isinstance(v, (int, float)) and math.isfinite(v)]
+    sent = 0
+    while ps or ts or ms:
+        p, ps = ps[:per_kind], ps[per_kind:]
+        t, ts = ts[:per_kind], ts[per_kind:]
+        n = min(max_metrics, max_entities - len(p) - len(t))
+        m, ms = ms[:n], ms[n:]
+        with_retries(lambda: c.log_batch(run_id, metrics=m, params=p, tags=t), "log batch")
+        sent += 1
+    return sent
 
 
 # -------------------------------------------------------------------------------------------------- fingerprints
@@ -180,5 +231,10 @@ def run_url(run_id: str) -> str | None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith("http"):
         return None
-    run = client().get_run(run_id)
-    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{uri.rstrip('/')}/#/experiments/{_experiment_of(uri, run_id)}/runs/{run_id}"
+
+
+@lru_cache(maxsize=1024)
+def _experiment_of(uri: str, run_id: str) -> str:
+    """A run's experiment id (it never changes): one request per run, not one per link."""
+    return with_retries(lambda: client().get_run(run_id), "get run").info.experiment_id

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines import tracking
 from pipelines.artifacts import ArtifactRef, read_jsonl, sha256_path
 from pipelines.config import PipelineConfig
+from pipelines.lease import Lease, acquire
 from pipelines.modeling import base_ref, build_scratch, scratch_fingerprint
 
 TAG_BASE_FP = "tunewright.base_fingerprint"
@@ -28,13 +29,23 @@ def resolve_base(cfg: PipelineConfig, corpus: ArtifactRef, general: ArtifactRef 
         return base_ref(cfg.model)
     fp = scratch_fingerprint(cfg.model.scratch, cfg.seed, [corpus.sha256, general.sha256 if general else ""])
     c = tracking.client()
-    found = tracking.with_retries(lambda: c.search_runs(
-        [tracking.experiment_id()], filter_string=f"tags.`{TAG_BASE_FP}` = '{fp}'", max_results=1), "search runs")
-    if found:
+
+    def built() -> ArtifactRef | None:
+        found = tracking.with_retries(lambda: c.search_runs(
+            [tracking.experiment_id()], filter_string=f"tags.`{TAG_BASE_FP}` = '{fp}'", max_results=1), "search runs")
+        if not found:
+            return None
         run = found[0]
         log(f"base: reusing scratch model {fp[:12]} from run {run.info.run_id[:8]}")
         return ArtifactRef(run.info.run_id, "base_model", run.data.tags[TAG_BASE_SHA], "base")
-    return _build_and_log(cfg, corpus, general, parent_run_id, fp, log)
+
+    # concurrent runs build it once: the others wait on the lease and reuse the builder's artifact
+    got = acquire(f"base:{fp}", until=built, log=log, runs=(parent_run_id,),
+                  waiting=lambda h: f"base: scratch model {fp[:12]} is being built by {h.owner} (lease until {h.until}); waiting")
+    if not isinstance(got, Lease):
+        return got
+    with got:
+        return _build_and_log(cfg, corpus, general, parent_run_id, fp, log)
 
 
 def _build_and_log(cfg: PipelineConfig, corpus: ArtifactRef, general: ArtifactRef | None, parent_run_id: str,
@@ -50,8 +61,7 @@ def _build_and_log(cfg: PipelineConfig, corpus: ArtifactRef, general: ArtifactRe
         build_scratch(cfg.model.scratch, texts, general_texts, cfg.seed, out)
         sha = sha256_path(out)
         tracking.with_retries(lambda: c.log_artifacts(parent_run_id, str(out), "base_model"), "log artifacts")
-    c.set_tag(parent_run_id, TAG_BASE_SHA, sha)
-    c.set_tag(parent_run_id, TAG_BASE_FP, fp)
+    tracking.log_batch(c, parent_run_id, tags={TAG_BASE_SHA: sha, TAG_BASE_FP: fp})  # one request: never one alone
     return ArtifactRef(parent_run_id, "base_model", sha, "base")
 
 

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines import tracking
 from pipelines.artifacts import ArtifactRef, sha256_path
 from pipelines.config import PipelineConfig
+from pipelines.lease import Lease, acquire
 from pipelines.modeling import MANIFEST, merge_adapter, read_manifest
 
 # Modules every stage's code version includes: a change there invalidates all stages.
@@ -91,15 +92,20 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
     fp = tracking.fingerprint(stage, fcfg, inputs, code)
     tags = {"mlflow.parentRunId": parent_run_id, tracking.TAG_STAGE: stage, tracking.TAG_FINGERPRINT: fp,
             tracking.TAG_PIPELINE: cfg.name}
-    hit = None if force else tracking.find_cached(fp)
+    # One computation per fingerprint across concurrent runs: wait for whoever holds its lease and reuse their
+    # run, or hold the lease while computing (a forced stage waits too, then recomputes).
+    got = acquire(f"stage:{fp}", until=None if force else (lambda: tracking.find_cached(fp)), log=log,
+                  runs=(parent_run_id,), waiting=lambda h: f"{stage}: fingerprint {fp[:12]} is being computed by "
+                  f"{h.owner} (lease until {h.until}); waiting")
+    lease, hit = (got, None) if isinstance(got, Lease) else (None, got)
     if hit is not None:
         child = tracking.with_retries(lambda: c.create_run(exp, run_name=stage, tags={
             **tags, tracking.TAG_CACHE: "hit", tracking.TAG_SOURCE: hit.info.run_id,
             tracking.TAG_SHA: hit.data.tags[tracking.TAG_SHA], tracking.TAG_PRIMARY: hit.data.tags[tracking.TAG_PRIMARY]}),
             "create run")
         rid = child.info.run_id
-        _log_metrics(c, rid, hit.data.metrics)
-        _log_metrics(c, parent_run_id, json.loads(hit.data.tags.get(TAG_PARENT_METRICS, "{}")))
+        tracking.log_batch(c, rid, metrics=hit.data.metrics)
+        tracking.log_batch(c, parent_run_id, metrics=json.loads(hit.data.tags.get(TAG_PARENT_METRICS, "{}")))
         _finish(c, rid, "FINISHED")
         ref = ArtifactRef(hit.info.run_id, hit.data.tags[tracking.TAG_PRIMARY], hit.data.tags[tracking.TAG_SHA], stage)
         outputs = {k: ArtifactRef(hit.info.run_id, path, sha, stage)
@@ -107,16 +113,20 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
         log(f"{stage}: cache hit (run {hit.info.run_id[:8]}, fingerprint {fp[:12]})")
         return StageResult(ref, rid, True, hit.data.tags.get(TAG_SUMMARY, ""), time.time() - t0, outputs)
 
-    child = tracking.with_retries(lambda: c.create_run(exp, run_name=stage, tags={**tags, tracking.TAG_CACHE: "miss"}),
-                                  "create run")
+    # run id or content hash only: a local path could carry a user name or a token
+    input_tags = {f"tunewright.input.{k}": f"{ref.stage}:{ref.run_id or 'file'}:{ref.sha256[:12]}"
+                  for k, ref in inputs.items()}
+    try:
+        child = tracking.with_retries(lambda: c.create_run(exp, run_name=stage, tags={
+            **tags, tracking.TAG_CACHE: "miss", **input_tags}), "create run")
+    except BaseException:
+        lease.release()
+        raise
     rid = child.info.run_id
     restore = _end_run_on_sigterm(c, rid)
     try:
-        for k, v in tracking.flatten(fcfg).items():
-            c.log_param(rid, k, v)
-        for k, ref in inputs.items():
-            # run id or content hash only: a local path could carry a user name or a token
-            c.set_tag(rid, f"tunewright.input.{k}", f"{ref.stage}:{ref.run_id or 'file'}:{ref.sha256[:12]}")
+        lease.attach(rid)  # if this process dies, the run that takes over ends this child run KILLED
+        tracking.log_batch(c, rid, params=tracking.flatten(fcfg))
         log(f"{stage}: computing (fingerprint {fp[:12]}, child run {rid[:8]})")
         from pipelines.modeling import load_spec
 
@@ -137,14 +147,12 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
                 _record_lineage(model_dir, inputs)
             sha = sha256_path(out_dir / out.primary)
             extra = {k: (path, sha256_path(out_dir / path)) for k, path in out.outputs.items()}
-            _log_metrics(c, rid, out.metrics)
-            _log_metrics(c, parent_run_id, out.parent_metrics)
+            tracking.log_batch(c, parent_run_id, metrics=out.parent_metrics)
             tracking.with_retries(lambda: c.log_artifacts(rid, str(out_dir)), "log artifacts")
-        c.set_tag(rid, tracking.TAG_SHA, sha)
-        c.set_tag(rid, tracking.TAG_PRIMARY, out.primary)
-        c.set_tag(rid, TAG_PARENT_METRICS, json.dumps(out.parent_metrics))
-        c.set_tag(rid, TAG_SUMMARY, out.summary[:4000])
-        c.set_tag(rid, TAG_OUTPUTS, json.dumps(extra))
+        # metrics and the cache tags in one request, before FINISHED makes the run findable by find_cached
+        tracking.log_batch(c, rid, metrics=out.metrics, tags={
+            tracking.TAG_SHA: sha, tracking.TAG_PRIMARY: out.primary, TAG_PARENT_METRICS: json.dumps(out.parent_metrics),
+            TAG_SUMMARY: out.summary[:4000], TAG_OUTPUTS: json.dumps(extra)})
         _finish(c, rid, "FINISHED")
         shutil.rmtree(local["work_dir"], ignore_errors=True)  # checkpoints only matter until the stage finishes
     except BaseException as e:
@@ -152,6 +160,7 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
         raise
     finally:
         restore()
+        lease.release()  # after FINISHED (or FAILED/KILLED): a waiter then finds the run, or computes it itself
     log(f"{stage}: done in {time.time() - t0:.1f}s: {out.summary.splitlines()[0] if out.summary else ''}")
     return StageResult(ArtifactRef(rid, out.primary, sha, stage), rid, False, out.summary, time.time() - t0,
                        {k: ArtifactRef(rid, path, s, stage) for k, (path, s) in extra.items()})
@@ -166,18 +175,6 @@ def _record_lineage(model_dir: Path, inputs: dict[str, ArtifactRef]) -> None:
     if m.get("kind") == "adapter":
         m["base"] = inputs[m.get("base_input", "model")].to_dict()
     write_json(model_dir / MANIFEST, m)
-
-
-def _log_metrics(c, run_id: str, metrics: dict[str, float]) -> None:
-    import math
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
-    for i in range(0, len(batch), 500):
-        tracking.with_retries(lambda: c.log_batch(run_id, metrics=batch[i: i + 500]), "log metrics")
 
 
 def _end_run_on_sigterm(c, run_id: str):

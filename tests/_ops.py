@@ -113,7 +113,8 @@ def ops() -> Ops:
     env_file.write_text(f"TUNEWRIGHT_PREFECT_PORT={free_port()}\nTUNEWRIGHT_MLFLOW_PORT={free_port()}\n")
     worker_env = {"HF_TOKEN": PLANTED_ENV_SECRET,  # must never be logged or tracked
                   "TRANSFORMERS_VERBOSITY": "info",  # the trainer says where it resumes from (test_faults)
-                  "TUNEWRIGHT_NO_PROGRESS": "1"}
+                  "TUNEWRIGHT_NO_PROGRESS": "1",
+                  "TUNEWRIGHT_LEASE_SECONDS": "15"}  # a killed run's stage lease frees in 15 s, not 60 (test_faults)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(TUNEWRIGHT_ENV_FILE=str(env_file), TUNEWRIGHT_STACK_DIR=str(state_dir), TUNEWRIGHT_HOME=str(home),
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", **worker_env)
