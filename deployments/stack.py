@@ -222,6 +222,16 @@ class Stack:
                                 start_new_session=True)
         log.close()
         self.pid_file(name).write_text(f"{proc.pid}\n")
+        # Popen returns while the kernel may still be in execve: /proc/<pid>/cmdline reads empty for a moment, and
+        # pid() (which checks it) would call the new service dead. Wait until it names the program (or exits).
+        t0 = time.time()
+        while proc.poll() is None and time.time() - t0 < 10:
+            try:
+                if Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
         return proc
 
     def pid(self, name: str) -> int | None:
@@ -304,15 +314,18 @@ class Stack:
                         basic_auth_header(f"{self.mlflow_user}:{self.mlflow_password}"))
 
     def ensure_pools(self, pools: tuple[str, ...] = ("cpu", "gpu")) -> None:
-        """Create the work pools the deployments name (process pools; an existing pool is left as it is)."""
-        import requests
+        """Create the work pools the deployments name (process pools; an existing pool is left as it is): what
+        ``tunewright deploy`` does first (flows/deploy.py), against this stack's server."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL, temporary_settings
 
-        h = basic_auth_header(self.prefect_auth)
-        for pool in pools:
-            r = requests.post(f"{self.prefect_api}/work_pools/", headers=h, timeout=30,
-                              json={"name": pool, "type": "process", "description": f"tunewright {pool} workers"})
-            if r.status_code not in (201, 409):
-                raise StackError(f"creating work pool {pool}: HTTP {r.status_code} {r.text[:200]}")
+        from flows.deploy import DeployError, ensure_work_pools
+
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: self.prefect_api, PREFECT_API_AUTH_STRING: self.prefect_auth},
+                                    restore_defaults={PREFECT_API_KEY}):
+                ensure_work_pools(list(pools))
+        except DeployError as e:
+            raise StackError(str(e)) from None
 
     def start_worker(self, pool: str = "cpu", name: str = "worker-cpu", **env: str) -> None:
         self.ensure_pools()

@@ -208,13 +208,17 @@ def compare(run_ids: Annotated[list[str], typer.Argument(help="Two or more MLflo
 
 @app.command()
 def deploy() -> None:
-    """Register the deployments in deployments/prefect.yaml (finetune/nightly, finetune/adhoc) with Prefect."""
-    import subprocess
+    """Create the work pools cpu and gpu (type process; existing pools are left as they are), then register the
+    deployments in deployments/prefect.yaml (finetune/nightly, finetune/adhoc, run-stage/gpu) with PREFECT_API_URL."""
+    from flows.deploy import DeployError, ensure_work_pools, register
 
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
-           str(root / "deployments" / "prefect.yaml")]
-    sys.exit(subprocess.call(cmd, cwd=root))
+    try:
+        typer.echo(ensure_work_pools().line())
+        registered = register()
+    except DeployError as e:
+        fail(str(e))
+    typer.echo("deployments: " + ", ".join(registered))
+    typer.echo("start a worker: prefect worker start --pool cpu   (training stages sent to gpu: --pool gpu)")
 
 
 @app.command()

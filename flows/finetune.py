@@ -27,6 +27,11 @@ from tasks.stages import STAGE_TASKS, StageResult
 
 
 StageName = Literal["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate"]
+# The deployment form's parameter types. `Literal[StageName, None]` (not `StageName | None`): its JSON schema is one
+# enum with null in it, which the Prefect UI renders as a select of stage names; the union's `anyOf` renders as
+# "str | None" tabs with a free-text field. A tuple (not `list | None`) is a plain array of that enum: a multi-select.
+OptionalStage = Literal[StageName, None]
+StageNames = tuple[StageName, ...]
 
 
 class GateError(RuntimeError):
@@ -223,8 +228,8 @@ def _publish(report: RunReport) -> None:
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(config: PipelineConfig | str = "pipelines/configs/demo.yaml", from_stage: StageName | None = None,
-             only: StageName | None = None, force: list[StageName] | None = None) -> dict[str, Any]:
+def finetune(config: PipelineConfig | str = "pipelines/configs/demo.yaml", from_stage: OptionalStage = None,
+             only: OptionalStage = None, force: StageNames = ()) -> dict[str, Any]:
     """Run the tunewright fine-tuning pipeline; stages whose fingerprint is unchanged are reused from MLflow.
 
     Args:

@@ -53,9 +53,84 @@ def test_deployments_registered_with_schedule_and_typed_form():
     assert "config file" in props["config"]["description"]
     for p in ("from_stage", "only", "force"):
         assert props[p]["description"], p
-    stage_enum = props["only"]["anyOf"][0]["enum"]
-    assert {"sanitize", "sft", "dpo", "evaluate"} <= set(stage_enum)
-    assert props["force"]["anyOf"][0]["items"]["enum"] == stage_enum
+    # One enum per field, no union: the UI renders an `anyOf` as "str | None" tabs with a free-text field, an enum
+    # (null included: "None") as a select of stage names, an array of an enum as a multi-select (test_browser).
+    stage_enum = props["only"]["enum"]
+    assert "anyOf" not in props["only"] and "anyOf" not in props["from_stage"] and "anyOf" not in props["force"]
+    assert {"sanitize", "sft", "dpo", "evaluate"} <= set(stage_enum) and None in stage_enum
+    assert props["from_stage"]["enum"] == stage_enum
+    assert props["force"]["type"] == "array" and props["force"]["items"]["enum"] == [s for s in stage_enum if s]
+    assert props["force"]["default"] == [] and props["only"]["default"] is None
+
+
+@slow
+def test_deploy_creates_the_work_pools_on_a_fresh_server(tmp_path):
+    """`tunewright deploy` against a bare `prefect server start` (basic auth, no pools: what `prefect deploy` alone
+    refuses with "work pool 'cpu' does not exist"): it creates cpu and gpu (process), registers the deployments, and
+    run again leaves the pools as they are. A server that refuses or is not there: one line, exit code 2."""
+    import requests
+
+    from deployments.stack import Stack, basic_auth_header, free_port
+
+    s = Stack.ephemeral(tmp_path / "stack", tunewright_home=tmp_path / "home")
+    s.start_prefect()
+    try:
+        h = basic_auth_header(s.prefect_auth)
+
+        def get(path: str):
+            return requests.get(f"{s.prefect_api}{path}", headers=h, timeout=30)
+
+        def deployments() -> dict[str, dict]:
+            r = requests.post(f"{s.prefect_api}/deployments/filter", headers=h, json={}, timeout=30)
+            r.raise_for_status()
+            return {d["name"]: d for d in r.json()}
+
+        def deploy(env: dict[str, str]) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=600)
+
+        assert get("/work_pools/cpu").status_code == 404 and get("/work_pools/gpu").status_code == 404
+        env = s._env(**s.client_env())
+        first = deploy(env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "work pools: created cpu, gpu (type process)" in first.stdout, first.stdout
+        pools = {p: get(f"/work_pools/{p}").json() for p in ("cpu", "gpu")}
+        assert {p: w["type"] for p, w in pools.items()} == {"cpu": "process", "gpu": "process"}
+        # Prefect's process job template from the start (env, working dir...), not an empty one until a worker comes
+        assert all("command" in w["base_job_template"]["job_configuration"] for w in pools.values())
+        deps = deployments()
+        assert {d: deps[d]["work_pool_name"] for d in ("nightly", "adhoc", "gpu")} == \
+            {"nightly": "cpu", "adhoc": "cpu", "gpu": "gpu"}
+        assert "finetune/nightly (cpu)" in first.stdout and "run-stage/gpu (gpu)" in first.stdout, first.stdout
+
+        # an operator's change to a pool survives the next deploy; the deployments are updated, not duplicated
+        requests.patch(f"{s.prefect_api}/work_pools/cpu", headers=h, timeout=30,
+                       json={"concurrency_limit": 3, "description": "ours"}).raise_for_status()
+        again = deploy(env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "work pools: cpu, gpu already exist (left as they are)" in again.stdout, again.stdout
+        cpu = get("/work_pools/cpu").json()
+        assert (cpu["concurrency_limit"], cpu["description"]) == (3, "ours")
+        assert {k: v["id"] for k, v in deployments().items()} == {k: v["id"] for k, v in deps.items()}
+
+        # refused (wrong or no credentials) and unreachable: one line that says what to set, exit 2, no traceback
+        no_auth = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
+        wrong = "admin:" + "not-the-password-" + "x" * 8
+        cases = {"wrong credentials": ({**no_auth, "PREFECT_API_AUTH_STRING": wrong}, ("401", "PREFECT_API_AUTH_STRING")),
+                 "no credentials": (no_auth, ("401", "PREFECT_API_AUTH_STRING")),
+                 "no server": ({**env, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"},
+                               ("cannot reach", "PREFECT_API_URL"))}
+        for case, (e, hints) in cases.items():
+            r = deploy(e)
+            out = r.stdout + r.stderr
+            assert r.returncode == 2, f"{case}: exit {r.returncode}\n{out}"
+            assert "Traceback" not in out, f"{case}:\n{out}"
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}:\n{out}"
+            assert all(x in lines[0] for x in hints), f"{case}: {lines[0]}"
+            assert not any(x in out for x in [wrong, wrong.split(":")[1], *s.secrets()]), f"{case}: a secret leaked"
+    finally:
+        s.stop("prefect-server")
 
 
 @slow
