@@ -4,6 +4,8 @@
     tunewright sanitize INPUT OUTPUT [--field text] [--bad-records fail|quarantine]
     tunewright dedup INPUT OUTPUT [--field text] [--bad-records fail|quarantine]
     tunewright compare RUN_ID RUN_ID...
+    tunewright export RUN_ID OUT_DIR
+    tunewright promote VERSION [--model NAME] [--alias champion]
     tunewright deploy
     tunewright stages
     tunewright serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key-env VAR] [--served-model-name NAME]
@@ -34,6 +36,7 @@ STAGE_HELP = {
     "ppo": "PPO against the reward model, KL-penalised to SFT",
     "grpo": "GRPO with the reward model as reward function",
     "evaluate": "perplexity, QA exact match / ROUGE-L, reward win rate and KL for every checkpoint",
+    "export": "the final model as one standalone HF directory + MLflow Model; registry version, promotion gate",
 }
 
 
@@ -116,6 +119,9 @@ def _print_report(out: dict) -> None:
         for name, row in out["evaluation"].items():
             e.add_row(name, *[f"{row[m]:.3f}" if m in row else "–" for m in cols])
         console.print(e)
+    if out.get("promotion"):
+        p = out["promotion"]
+        console.print(f"promotion: {p['name']} version {p['version']}: {p['decision']} — {p['reason']}")
     console.print(f"total {out['seconds']:.1f}s")
 
 
@@ -219,6 +225,51 @@ def deploy() -> None:
         fail(str(e))
     typer.echo("deployments: " + ", ".join(registered))
     typer.echo("start a worker: prefect worker start --pool cpu   (training stages sent to gpu: --pool gpu)")
+
+
+@app.command()
+def export(run_id: Annotated[str, typer.Argument(help="A pipeline parent run id, or one of its stage runs")],
+           out_dir: Annotated[Path, typer.Argument(help="Where the standalone model directory goes")]) -> None:
+    """The run's final model as one standalone Hugging Face directory (every adapter merged, chat template,
+    generation config, lineage manifest): its export, or one built now from its last trained checkpoint."""
+    from pipelines.export import ExportError, export_run
+
+    try:
+        export_run(run_id, out_dir, log=lambda m: typer.echo(m, err=True))
+    except ExportError as e:
+        fail(str(e))
+    typer.echo(str(out_dir))
+
+
+def _version(spec: str, model: str | None) -> tuple[str, str]:
+    """VERSION as ``models:/NAME/N``, ``NAME/N`` or ``N`` (with --model, or the only tunewright-* model)."""
+    from pipelines import tracking
+
+    spec = spec.removeprefix("models:/")
+    if "/" in spec:
+        name, _, version = spec.rpartition("/")
+        return name, version
+    if model:
+        return model, spec
+    names = sorted(m.name for m in tracking.client().search_registered_models() if m.name.startswith("tunewright-"))
+    if len(names) != 1:
+        fail(f"VERSION {spec}: name the model (--model NAME or NAME/{spec}); registered: {', '.join(names) or 'none'}")
+    return names[0], spec
+
+
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="N, NAME/N or models:/NAME/N")],
+            model: Annotated[Optional[str], typer.Option("--model", help="Registered model name")] = None,
+            alias: Annotated[str, typer.Option("--alias")] = "champion") -> None:
+    """Move the alias (champion) to a version by hand, past the gate; recorded on the version as manual."""
+    from pipelines.promote import PromotionError, promote_version
+
+    name, v = _version(version, model)
+    try:
+        d = promote_version(name, v, alias)
+    except PromotionError as e:
+        fail(str(e))
+    typer.echo(d.line())
 
 
 @app.command()

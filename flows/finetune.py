@@ -23,10 +23,12 @@ from pipelines.config import PREFERENCE_ALGORITHMS, PipelineConfig, load_config
 from pipelines.chat import check_template
 from pipelines.data import resolve_data
 from tasks.base import base_model_task
+from tasks.promote import promote_task
 from tasks.stages import STAGE_TASKS, StageResult
 
 
-StageName = Literal["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate"]
+StageName = Literal["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate",
+                    "export"]
 # The deployment form's parameter types. `Literal[StageName, None]` (not `StageName | None`): its JSON schema is one
 # enum with null in it, which the Prefect UI renders as a select of stage names; the union's `anyOf` renders as
 # "str | None" tabs with a free-text field. A tuple (not `list | None`) is a plain array of that enum: a multi-select.
@@ -49,6 +51,8 @@ class RunReport:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluation_md: str = ""
+    promotion: dict[str, Any] = field(default_factory=dict)
+    promotion_md: str = ""
     seconds: float = 0.0
 
 
@@ -179,6 +183,14 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
 
             report.evaluation = json.loads(materialize(ev).read_text())
             report.evaluation_md = results["evaluate"].summary
+        final = aligned or sft or dapt
+        if final is not None and "export" in todo and todo["export"] != "skip":
+            lineage = {f"lineage.{k}": r.ref for k, r in results.items()} | {"lineage.base": base}
+            exported = stage("export", {"model": final, **({"evaluation": results["evaluate"].ref}
+                                                           if "evaluate" in results else {}), **lineage})
+            decision = promote_task(cfg, exported, final.stage, report.evaluation, parent)
+            report.promotion, report.promotion_md = decision.to_dict(), decision.markdown()
+            logger.info("promotion: %s", decision.line())
         report.seconds = time.time() - t0
         tracking.log_batch(c, parent, metrics={"pipeline_seconds": report.seconds})
         c.log_text(parent, json.dumps(report.__dict__, indent=2, default=str), "run_report.json")
@@ -222,9 +234,10 @@ def stage_table(report: RunReport) -> str:
 def _publish(report: RunReport) -> None:
     md = (f"# tunewright run `{report.pipeline}`\n\nMLflow parent run `{report.parent_run_id}`"
           f"{' ([open](' + tracking.run_url(report.parent_run_id) + '))' if tracking.run_url(report.parent_run_id) else ''}"
-          f"\n\n## Stages\n\n{stage_table(report)}\n\n## Evaluation\n\n{report.evaluation_md or '(not run)'}\n")
+          f"\n\n## Stages\n\n{stage_table(report)}\n\n## Evaluation\n\n{report.evaluation_md or '(not run)'}\n"
+          f"\n## Promotion\n\n{report.promotion_md or '(no export)'}\n")
     create_markdown_artifact(markdown=md, key=artifact_key(report.pipeline),
-                             description="tunewright stage and evaluation tables")
+                             description="tunewright stage, evaluation and promotion tables")
 
 
 @flow(name="finetune", log_prints=True)
@@ -242,7 +255,7 @@ def finetune(config: PipelineConfig | str = "pipelines/configs/demo.yaml", from_
     cfg = load_config(config) if isinstance(config, str) else config
     report = run_pipeline(cfg, from_stage, only, force)
     return {"parent_run_id": report.parent_run_id, "stages": report.stages, "evaluation": report.evaluation,
-            "seconds": report.seconds}
+            "promotion": report.promotion, "seconds": report.seconds}
 
 
 __all__ = ["finetune", "plan", "run_pipeline", "GateError", "SelectionError",

@@ -24,7 +24,7 @@ from pipelines import tracking
 from pipelines.artifacts import ArtifactRef, sha256_path
 from pipelines.config import PipelineConfig
 from pipelines.lease import Lease, acquire
-from pipelines.modeling import MANIFEST, merge_adapter, read_manifest
+from pipelines.modeling import MANIFEST, materialize, read_manifest
 
 # Modules every stage's code version includes: a change there invalidates all stages.
 SHARED_CODE = ("pipelines.artifacts", "pipelines.modeling", "pipelines.training", "pipelines.chat")
@@ -43,35 +43,28 @@ class StageResult:
     outputs: dict[str, ArtifactRef] | None = None  # further named outputs (sanitize: every role's masked file)
 
 
-RENDERING_STAGES = ("dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate")
+RENDERING_STAGES = ("dapt", "sft", "reward", "dpo", "ppo", "grpo", "evaluate", "export")
+# Inputs named lineage.<stage> are references only: the stage gets them as one JSON file (``lineage``), unfetched.
+LINEAGE = "lineage."
 
 
 def stage_fingerprint_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The part of the config a stage's result depends on (its own block plus the globals it reads)."""
-    out: dict[str, Any] = {stage: cfg.stage_config(stage).model_dump(mode="json"), "seed": cfg.seed,
+    # what gates and names a registry version is not part of the exported artifact
+    block = cfg.stage_config(stage).model_dump(
+        mode="json", exclude={"promote", "registered_model"} if stage == "export" else None)
+    out: dict[str, Any] = {stage: block, "seed": cfg.seed,
                            "model_loading": {k: v for k, v in cfg.model.model_dump(mode="json").items()
                                              if k in ("trust_remote_code", "dtype", "revision")}}
     if stage in ("sanitize", "dedup", "curriculum", "dapt", "evaluate"):
         out["text_field"] = cfg.data.text_field
     if stage in RENDERING_STAGES:
         out["template"] = cfg.template.model_dump(mode="json")
+    if stage == "export":
+        out["max_new_tokens"] = cfg.evaluate.max_new_tokens  # the generation config's default length
     if stage in ("ppo", "grpo"):
         out["preference"] = cfg.preference.model_dump(mode="json")
     return out
-
-
-def materialize(ref: ArtifactRef, spec=None) -> Path:
-    """A local path for an input: a data file, or a full-weights model directory (adapters merged, cached)."""
-    path = tracking.fetch(ref)
-    if path.is_dir() and (path / "records.jsonl").is_file():
-        return path / "records.jsonl"
-    if path.is_dir() and (path / MANIFEST).is_file() and read_manifest(path).get("kind") == "adapter":
-        merged = tracking.home() / "cache" / "merged" / ref.sha256
-        if not merged.exists():
-            base = ArtifactRef.from_dict(read_manifest(path)["base"])
-            merge_adapter(materialize(base, spec), path, merged, spec)
-        return merged
-    return path
 
 
 def _finish(client, run_id: str, status: str) -> None:
@@ -131,8 +124,14 @@ def execute_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef
         from pipelines.modeling import load_spec
 
         spec = load_spec(cfg.model)
-        local = {k: materialize(ref, spec) for k, ref in inputs.items()}
+        local = {k: materialize(ref, spec) for k, ref in inputs.items() if not k.startswith(LINEAGE)}
         local["work_dir"] = tracking.home() / "work" / stage / fp
+        lineage = {k.removeprefix(LINEAGE): ref.to_dict() for k, ref in inputs.items() if k.startswith(LINEAGE)}
+        if lineage:
+            from pipelines.artifacts import write_json
+
+            write_json(local["work_dir"] / "lineage.json", lineage)
+            local["lineage"] = local["work_dir"] / "lineage.json"
         module = importlib.import_module(f"pipelines.{stage}")
         with tempfile.TemporaryDirectory(prefix=f"tw-{stage}-") as tmp:
             out_dir = Path(tmp)
@@ -202,4 +201,4 @@ def _make_task(stage: str):
 
 
 STAGE_TASKS = {s: _make_task(s) for s in ("sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "ppo",
-                                          "grpo", "evaluate")}
+                                          "grpo", "evaluate", "export")}
