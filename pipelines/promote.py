@@ -193,38 +193,47 @@ def promote_export(name: str, export_run_id: str, row: dict[str, float], sft_row
     tags = {TAG_METRICS: json.dumps(row, sort_keys=True)[:4900], TAG_SFT_METRICS: json.dumps(sft_row or {})[:4900],
             TAG_CHECKPOINT: checkpoint, TAG_EXPORT_RUN: export_run_id, **(
                 {TAG_PIPELINE_RUN: pipeline_run_id} if pipeline_run_id else {})}
-    mv = register(name, export_run_id, tags)
-    if (mv.tags or {}).get(TAG_DECISION):  # a cached export: decided when it was first registered
-        champ = champion(name, pcfg.alias)
-        state = "the champion" if champ is not None and champ.version == mv.version else "not the champion"
-        return Decision(name, mv.version, "unchanged", f"cached export, already decided "
-                        f"({mv.tags[TAG_DECISION]}: {mv.tags.get(TAG_REASON, '')}); {state}", pcfg.alias, pcfg.metric,
-                        _num(row.get(pcfg.metric)))
-    if not pcfg.enabled:
-        d = Decision(name, mv.version, "registered", "promotion gate disabled (export.promote.enabled: false); "
-                     "promote by hand with `tunewright promote`", pcfg.alias, pcfg.metric, _num(row.get(pcfg.metric)))
-        _set_tags(name, mv.version, {TAG_DECISION: d.decision, TAG_REASON: d.reason})
-        return d
     from pipelines.lease import acquire
 
+    # Registering, reading the champion and moving the alias all happen under the name's lease: concurrent runs of
+    # one export register it once, and the gate compares against the champion at the moment the alias moves.
     with acquire(f"promote:{name}", log=log):
-        champ = champion(name, pcfg.alias)  # read under the lease: the champion at the moment the alias moves
-        hold = float(os.environ.get(HOLD_ENV, "0") or 0)
-        if hold:
-            time.sleep(hold)
-        champ_row = _row(champ, TAG_METRICS) if champ is not None else None
-        if champ is not None and champ_row is None:
-            champ_row = {}  # a champion promoted by hand without numbers: every comparison is n/a
-        passed, reason, detail = gate(row, pcfg, champ_row, sft_row)
-        d = Decision(name, mv.version, "promoted" if passed else "rejected", reason, pcfg.alias, pcfg.metric,
-                     detail["candidate"], detail["reference"], champ.version if champ is not None else None,
-                     detail["guards"], champ.version if champ is not None else None)
-        _set_tags(name, mv.version, {TAG_DECISION: d.decision, TAG_REASON: reason[:4900],
-                                     TAG_DETAIL: json.dumps({**detail, "against_version": d.reference_version})[:4900]})
-        if passed:
-            c = _client()
-            _retry(lambda: c.set_registered_model_alias(name, pcfg.alias, mv.version), "set alias")
+        mv = register(name, export_run_id, tags)
+        if (mv.tags or {}).get(TAG_DECISION):  # a cached export: decided when it was first registered
+            champ = champion(name, pcfg.alias)
+            state = "the champion" if champ is not None and champ.version == mv.version else "not the champion"
+            d = Decision(name, mv.version, "unchanged", f"cached export, already decided "
+                         f"({mv.tags[TAG_DECISION]}: {mv.tags.get(TAG_REASON, '')}); {state}", pcfg.alias,
+                         pcfg.metric, _num(row.get(pcfg.metric)))
+        elif not pcfg.enabled:
+            d = Decision(name, mv.version, "registered", "promotion gate disabled (export.promote.enabled: false); "
+                         "promote by hand with `tunewright promote`", pcfg.alias, pcfg.metric,
+                         _num(row.get(pcfg.metric)))
+            _set_tags(name, mv.version, {TAG_DECISION: d.decision, TAG_REASON: d.reason})
+        else:
+            d = _decide(name, mv, row, sft_row, pcfg)
     log(f"promotion: {d.line()}")
+    return d
+
+
+def _decide(name: str, mv, row: dict[str, float], sft_row: dict[str, float] | None, pcfg: PromotionConfig) -> Decision:
+    """The gate for a new version (the caller holds the name's lease): tags it, moves the alias when it passes."""
+    champ = champion(name, pcfg.alias)
+    hold = float(os.environ.get(HOLD_ENV, "0") or 0)
+    if hold:
+        time.sleep(hold)
+    champ_row = _row(champ, TAG_METRICS) if champ is not None else None
+    if champ is not None and champ_row is None:
+        champ_row = {}  # a champion promoted by hand without numbers: every comparison is n/a
+    passed, reason, detail = gate(row, pcfg, champ_row, sft_row)
+    d = Decision(name, mv.version, "promoted" if passed else "rejected", reason, pcfg.alias, pcfg.metric,
+                 detail["candidate"], detail["reference"], champ.version if champ is not None else None,
+                 detail["guards"], champ.version if champ is not None else None)
+    _set_tags(name, mv.version, {TAG_DECISION: d.decision, TAG_REASON: reason[:4900],
+                                 TAG_DETAIL: json.dumps({**detail, "against_version": d.reference_version})[:4900]})
+    if passed:
+        c = _client()
+        _retry(lambda: c.set_registered_model_alias(name, pcfg.alias, mv.version), "set alias")
     return d
 
 

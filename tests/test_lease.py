@@ -235,7 +235,7 @@ def _stage_runs():
     return [r for r in runs if "tunewright.stage" in r.data.tags], [r for r in runs if "tunewright.stage" not in r.data.tags]
 
 
-STAGES = ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate"]
+STAGES = ["sanitize", "dedup", "curriculum", "dapt", "sft", "reward", "dpo", "evaluate", "export"]
 
 
 @slow
@@ -257,6 +257,10 @@ def test_three_concurrent_runs_compute_each_stage_once(store, prefect_api, tmp_p
     assert sum(1 for r in parents if "tunewright.base_fingerprint" in r.data.tags) == 1, "scratch base built once"
     assert "is being computed by run" in out and "; waiting" in out
     assert not lease_runs(status="RUNNING")
+    from pipelines import tracking
+
+    versions = tracking.client().search_model_versions("name = 'tunewright-tiny'")
+    assert len(versions) == 1, "one export, registered once by three concurrent runs"
 
 
 @slow
