@@ -273,3 +273,31 @@ def test_mlflow_run_page(mlflow_page, ui_run):
     page.goto(f"{o.stack.mlflow_url}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}")
     expect(page.get_by_text(ui_run["run"]["name"]).first).to_be_visible()
     _shot(page, "mlflow-run")
+
+
+def test_mlflow_model_registry_shows_the_champion(mlflow_page, ui_run, monkeypatch):
+    """The registered model of the first run's export, with the `champion` alias. On the tiny config the gate
+    rejects its version (its dpo answers tie sft's: win rate 0.5), so it is promoted by hand here, which the version
+    then records (`tunewright.promotion=manual`, the gate's verdict kept beside it)."""
+    from playwright.sync_api import expect
+
+    from pipelines.promote import TAG_DECISION, champion, promote_version
+
+    o, page = ops(), mlflow_page
+    parent = o.parent_of(ui_run["first"]["flow_run"]["id"])
+    export_run = o.children(parent.info.run_id)["export"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", o.stack.mlflow_url)
+    c = o.mlflow()
+    mine = [v for v in c.search_model_versions("name = 'tunewright-tiny'")
+            if v.run_id == export_run.data.tags.get("tunewright.source_run_id", export_run.info.run_id)]
+    assert len(mine) == 1 and mine[0].tags[TAG_DECISION] in ("promoted", "rejected")
+    if mine[0].tags[TAG_DECISION] == "rejected":
+        promote_version("tunewright-tiny", mine[0].version, by="browser-test")
+    champ = champion("tunewright-tiny")
+    assert champ is not None and champ.version == mine[0].version
+    page.goto(f"{o.stack.mlflow_url}/#/models/tunewright-tiny")
+    _close_assistant(page)
+    expect(page.get_by_text("tunewright-tiny").first).to_be_visible()
+    expect(page.get_by_text("champion").first).to_be_visible()
+    expect(page.get_by_text(f"Version {champ.version}").first).to_be_visible()
+    _shot(page, "mlflow-registry")
