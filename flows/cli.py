@@ -16,7 +16,6 @@ Bad input (config, missing file, bad record) is reported as one line and exit co
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

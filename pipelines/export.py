@@ -152,7 +152,8 @@ def export_model(model_dir: Path, out_dir: Path, template: TemplateConfig, ecfg:
         _write_mlmodel(tmp)
         manifest = {
             "pipeline": pipeline, "checkpoint": checkpoint, "dtype": dtype,
-            "lineage": lineage, "evaluation": (evaluation or {}).get(checkpoint, {}), "evaluation_table": evaluation or {},
+            "lineage": {k: _public(v) for k, v in lineage.items()},
+            "evaluation": (evaluation or {}).get(checkpoint, {}), "evaluation_table": evaluation or {},
             "template": template.model_dump(mode="json"), "chat_template": renderer.template,
             "stop_token_ids": renderer.stop_ids, "trained": {k: v for k, v in train_manifest.items()
                                                              if k in ("stage", "task", "merged_from", "config")},
@@ -161,6 +162,13 @@ def export_model(model_dir: Path, out_dir: Path, template: TemplateConfig, ecfg:
         }
         write_json(tmp / EXPORT_MANIFEST, manifest)
     return manifest
+
+
+def _public(ref: dict[str, Any]) -> dict[str, Any]:
+    """A lineage entry safe to ship with the model: a local path (which may hold a user name) becomes its name."""
+    if ref.get("run_id") is None and Path(str(ref.get("artifact_path", ""))).expanduser().exists():
+        return {**ref, "artifact_path": Path(str(ref["artifact_path"])).name}
+    return ref
 
 
 def _size(d: Path) -> int:
@@ -272,36 +280,6 @@ def _run_config(c, parent_id: str) -> dict | None:
     return {**cfg, "name": run.data.tags.get(tracking.TAG_PIPELINE, cfg.get("name", "pipeline"))}
 
 
-def check_export(d: Path, questions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Load ``d`` with plain transformers (nothing of tunewright) and answer ``questions`` greedily; used by tests
-    and benches to check that an export stands alone. Returns the answers and the load / generation timings."""
-    import time
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(str(d))
-    model = AutoModelForCausalLM.from_pretrained(str(d), use_safetensors=True).eval()
-    gc = GenerationConfig.from_pretrained(str(d))
-    load_s = time.time() - t0
-    answers, n_new, t1 = [], 0, time.time()
-    for q in questions or []:
-        enc = tok.apply_chat_template(q["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
-        with torch.inference_mode():
-            out = model.generate(**enc, generation_config=gc, tokenizer=tok)
-        new = out[0, enc["input_ids"].shape[1]:]
-        n_new += int(new.numel())
-        text = tok.decode(new, skip_special_tokens=True)
-        for s in gc.stop_strings or []:
-            text = text.split(s, 1)[0]
-        answers.append(text)
-    gen_s = time.time() - t1
-    return {"answers": answers, "load_seconds": load_s, "generate_seconds": gen_s,
-            "tokens_per_second": n_new / gen_s if gen_s > 0 and n_new else 0.0}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_id", help="A pipeline parent run id, or the id of one of its stage runs")
@@ -316,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["run", "export_model", "export_run", "check_export", "final_checkpoint", "EXPORT_MANIFEST", "ExportError"]
+__all__ = ["run", "export_model", "export_run", "final_checkpoint", "EXPORT_MANIFEST", "ExportError"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
