@@ -227,7 +227,7 @@ def export_run(run_id: str, out_dir: Path, log=print) -> Path:
     else built here from its final checkpoint and evaluation (runs from before export existed, export disabled)."""
     from pipelines import tracking
     from pipelines.config import ExportConfig, PipelineConfig
-    from pipelines.modeling import LoadSpec, materialize
+    from pipelines.modeling import LoadSpec, load_spec, materialize
 
     c = tracking.client()
     try:
@@ -252,7 +252,7 @@ def export_run(run_id: str, out_dir: Path, log=print) -> Path:
         raise ExportError(f"run {run_id}: no finished training stage to export ({', '.join(kids) or 'no stage runs'})")
     cfg_json = _run_config(c, parent) if parent else None
     cfg = PipelineConfig.model_validate(cfg_json) if cfg_json else None
-    spec = LoadSpec(cfg.model.trust_remote_code, cfg.model.dtype) if cfg else LoadSpec()
+    spec = load_spec(cfg.model) if cfg else LoadSpec()
     log(f"export: building from the {checkpoint} checkpoint of run {kids[checkpoint].info.run_id[:8]}")
     model_dir = materialize(_ref(kids[checkpoint]), spec)
     evaluation = json.loads(materialize(_ref(kids["evaluate"])).read_text()) if "evaluate" in kids else None
