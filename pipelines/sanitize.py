@@ -110,6 +110,9 @@ def _active_branches(text: str, entities: frozenset[str]) -> tuple[str, ...]:
     return tuple(on)
 
 
+_RE_IPV4 = re.compile(_BRANCHES["ipv4"])
+
+
 @lru_cache(maxsize=256)
 def _combined(branches: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?P<{b}>{_BRANCHES[b]})" for b in branches))
@@ -241,7 +244,9 @@ def sanitize_text(
         kind = m.lastgroup
         s = m.group(kind)
         if kind == "num":
-            return _replace_number(s, text[max(0, m.start() - 24) : m.start()], ents, phone_region, counts)
+            out = _replace_number(s, text[max(0, m.start() - 24) : m.start()], ents, phone_region, counts)
+            # a phone-style run may open with "(" and so swallow an address: "(192.168.1.1)" is still an IP
+            return _replace_ipv4(s, text, m.start(), counts) if out == s and "ipv4" in branches else out
         if kind == "assign":
             val = m.group("val")
             if not _secret_value_ok(val):
@@ -266,6 +271,19 @@ def sanitize_text(
         return PLACEHOLDERS[t]
 
     return _combined(branches).sub(replace, text), counts
+
+
+def _replace_ipv4(s: str, text: str, at: int, counts: dict[str, int]) -> str:
+    """IPv4 addresses inside ``s`` (which starts at ``text[at]``), judged as the ipv4 branch judges them."""
+
+    def one(m: re.Match[str]) -> str:
+        start = at + m.start()
+        if _CTX_VERSION.search(text[max(0, start - 10) : start]) or not _ip_ok(m.group()):
+            return m.group()
+        counts["IP"] += 1
+        return PLACEHOLDERS["IP"]
+
+    return _RE_IPV4.sub(one, s)
 
 
 def _ip_ok(s: str) -> bool:

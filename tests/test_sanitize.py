@@ -176,3 +176,24 @@ def test_cli(tmp_path: Path) -> None:
     assert json.loads(p.stdout)["counts"]["EMAIL"] == 1
     assert "--bad-records {fail,quarantine}" in subprocess.run(cmd[:3] + ["--help"], capture_output=True, text=True,
                                                               cwd=ROOT).stdout
+
+
+@pytest.mark.parametrize("text, expected", [
+    # IPv4 in the contexts of Presidio's IP recognizer tests; a phone-style run opening with "(" used to swallow it
+    ("(192.168.1.1)", "([IP])"),
+    ("see (10.0.0.1) and (172.16.0.1).", "see ([IP]) and ([IP])."),
+    ("(192.168.1.1) 555 0100", "([IP]) 555 0100"),
+    ("call +1 202-555-0173 or (192.168.1.1)", "call [PHONE] or ([IP])"),
+    ("IP: 192.168.1.1.", "IP: [IP]."),
+    ("192.168.1.1,", "[IP],"),
+    ("localhost 127.0.0.1", "localhost [IP]"),
+    ("Broadcast 255.255.255.255", "Broadcast [IP]"),
+    ("192.168.2.1@eth0", "[IP]@eth0"),
+    # not addresses: invalid octets, glued to words, too few parts
+    ("(256.256.256.256)", "(256.256.256.256)"),
+    ("(300.168.1.1)", "(300.168.1.1)"),
+    ("IP192.168.1.1text", "IP192.168.1.1text"),
+    ("(192.168.1)", "(192.168.1)"),
+])
+def test_ipv4_in_context(text: str, expected: str) -> None:
+    assert sanitize_text(text)[0] == expected
