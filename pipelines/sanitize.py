@@ -35,6 +35,7 @@ from phonenumbers import Leniency, PhoneNumberMatcher
 
 from pipelines.artifacts import StageOutput, write_json
 from pipelines.config import PII_TYPES, PipelineConfig, SanitizeConfig
+from pipelines.executor import add_executor_args, executor_from_args
 from pipelines.records import BadInputError, process_file
 
 PLACEHOLDERS: dict[str, str] = {t: f"[{t}]" for t in PII_TYPES}
@@ -367,13 +368,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
     field = cfg.sanitize.field or cfg.data.text_field
     out_dir = Path(out_dir)
     src, dst = Path(inputs["records"]), out_dir / "data" / "records.jsonl"
-    if cfg.sanitize.num_proc > 1 and src.suffix == ".jsonl":
-        from pipelines.shards import sanitize_sharded
+    from pipelines.shards import sanitize_records
 
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        report = sanitize_sharded(src, dst, cfg.sanitize, field, shards=cfg.sanitize.num_proc)
-    else:
-        report = sanitize_file(src, dst, cfg.sanitize, field)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    report = sanitize_records(src, dst, cfg.sanitize, field, cfg.executor)
     roles = sanitize_roles(cfg, inputs, out_dir, report["counts"])
     write_json(out_dir / "sanitize_report.json", {**report, "field": field, "config": cfg.sanitize.model_dump(),
                                                   "roles": roles})
@@ -425,12 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bad-fraction", type=float, default=SanitizeConfig().max_bad_fraction)
     p.add_argument("--entities", default=",".join(PII_TYPES), help="comma-separated types")
     p.add_argument("--phone-region", default=SanitizeConfig().phone_region)
+    add_executor_args(p)
     a = p.parse_args(argv)
     try:
+        from pipelines.shards import sanitize_records
+
         cfg = SanitizeConfig(bad_records=a.bad_records, max_bad_fraction=a.max_bad_fraction,
                              entities=tuple(e.strip() for e in a.entities.split(",") if e.strip()),
                              phone_region=a.phone_region)
-        report = sanitize_file(a.input, a.output, cfg, a.field)
+        report = sanitize_records(a.input, a.output, cfg, a.field, executor_from_args(a))
     except (BadInputError, SanitizeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,13 +7,16 @@ What is sharded, and how:
 - sanitize is per record: each shard is sanitized on its own and the outputs are concatenated in shard order, so
   the merged file equals the one-process output byte for byte (rejected-record line numbers are shifted back to
   the input's, ``max_bad_fraction`` is checked once over the whole input, a fatal bad record names the input's line).
-- dedup needs a global view: exact hashing and the neighbour search + verification run once over all records
-  (cheap: hashes and O(n*d) vectors), the expensive part, the embeddings, runs per shard
-  (:func:`sharded_embedder`, passed to ``pipelines.dedup.find_duplicates``).
+- dedup (:func:`dedup_sharded`) runs its passes as shard tasks and embedding-space partition tasks: exact keys per
+  shard, merged in the driver (16 bytes per record); embeddings per shard; k-means on a sample (one partition per
+  ``dedup.partition_size`` distinct records, SemDeDup-style); search, shingle candidates and verification within each
+  partition; the kept records written per shard. Memory per task is bounded by the shard and partition sizes, not
+  by the corpus; up to ``partition_size`` distinct records it is exactly the one-process algorithm.
 
-Where the shards run is a ``mapper(fn, items) -> list``: :func:`process_map` (local worker processes, the default)
-or anything with the same shape, e.g. a Prefect flow whose tasks run on a Dask cluster (see tests/test_scaleout.py;
-``pipelines`` never imports Prefect). Functions handed to a mapper are module-level, so they pickle by reference.
+Where the shards run is a ``mapper(fn, items) -> list``: :func:`process_map` (local worker processes),
+``pipelines.executor.open_mapper`` (this process, or a Dask cluster: the config's ``executor`` block, the CLI's
+``--executor dask``), or anything with the same shape. ``pipelines`` never imports Prefect. Functions handed to a
+mapper are module-level, so they pickle by reference.
 
 Run alone (sanitize on worker processes)::
 
@@ -36,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from pipelines.artifacts import atomic_write
-from pipelines.config import SanitizeConfig
+from pipelines.config import DedupConfig, ExecutorConfig, SanitizeConfig
+from pipelines.executor import Mapper, in_process, open_mapper, worker_threads
 from pipelines.records import BadInputError, check_bad_fraction, rejected_path
 
-Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
 
 # ------------------------------------------------------------------------------------------------ split / merge
@@ -182,6 +185,292 @@ def sharded_embedder(model_name: str, batch_size: int, shards: int, mapper: Mapp
         return np.concatenate(mapper(embed_shard, jobs), axis=0)
 
     return embed_fn
+
+
+# ------------------------------------------------------------------------------------- dedup, partitioned
+# Five passes, each a list of independent tasks on the mapper; the driver holds O(n) small arrays (a 16-byte key,
+# a partition id and a keep flag per record), never texts, embeddings or candidate pairs:
+#   1. keys (per shard): exact-hash every valid record; bad records are judged here, before any embedding;
+#   2. embed (per shard): embeddings of the shard's exact representatives -> one .npy per shard;
+#   3. the driver: k-means on a sample of the embeddings (one partition per ``partition_size`` representatives),
+#      every representative to its nearest centroid; an exact copy follows its representative;
+#   4. bucket (per shard): each record's text (and its representative's embedding row) to its partition's files;
+#   5. partition (per partition): ``pipelines.dedup.find_duplicates`` on the partition alone -> removals, report;
+#   6. write (per shard): the kept records, merged in shard order. The report is merged by removed index.
+# The partitions depend on the data and the dedup config only (never on the executor or the number of workers),
+# so every executor gives the same output; with one partition it is the one-process algorithm.
+def _read_shard(shard: str, field: str, bad_records: str, rejected: list | None = None) -> list[dict]:
+    from pipelines.records import iter_records
+
+    return list(iter_records(Path(shard), field, bad_records, rejected if rejected is not None else []))
+
+
+def _keys_task(job: tuple[str, str, str]) -> dict:
+    from pipelines.dedup import exact_key
+
+    shard, field, bad_records = job
+    rejected: list[dict] = []
+    try:
+        recs = _read_shard(shard, field, bad_records, rejected)
+    except BadInputError as e:
+        return {"error": e.what, "line": e.line}
+    return {"keys": b"".join(exact_key(r[field]) for r in recs), "n": len(recs), "rejected": rejected,
+            "lines": count_lines(Path(shard))}
+
+
+def _embed_task(job: tuple[str, str, str, np.ndarray, str, dict, int]) -> float:
+    import time
+
+    from pipelines.dedup import embed
+
+    shard, field, bad_records, local_reps, out, cfg, threads = job
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    recs = _read_shard(shard, field, bad_records)
+    texts = [recs[j][field] for j in local_reps]
+    d = DedupConfig(**cfg)
+    emb = embed(texts, d.embedding_model, d.batch_size, False, d.embedding_backend) if texts else np.zeros((0, 0), np.float32)
+    np.save(out, np.ascontiguousarray(emb, dtype=np.float32))
+    return time.perf_counter() - t0
+
+
+def _bucket_task(job: tuple[str, str, str, int, np.ndarray, np.ndarray, str | None, str, int]) -> None:
+    """Write shard ``k``'s records to ``work/p<P>/s<k>.jsonl`` (+ ``.npy``: its representatives' embeddings)."""
+    shard, field, bad_records, start, parts, is_rep, emb_path, work, k = job
+    recs = _read_shard(shard, field, bad_records)
+    emb = np.load(emb_path, mmap_mode="r") if emb_path else None
+    row_of = np.cumsum(is_rep) - 1  # representative j of this shard is row j of its embedding file
+    for p in np.unique(parts):
+        idx = np.flatnonzero(parts == p)
+        d = Path(work) / f"p{int(p):05d}"
+        d.mkdir(exist_ok=True)
+        with open(d / f"s{k:05d}.jsonl", "w", encoding="utf-8") as f:
+            for j in idx:
+                f.write(json.dumps([start + int(j), recs[j].get("id"), recs[j][field]], ensure_ascii=False,
+                                   default=str) + "\n")
+        if emb is not None:
+            np.save(d / f"s{k:05d}.npy", np.ascontiguousarray(emb[row_of[idx[is_rep[idx]]]]))
+
+
+def _partition_task(job: tuple[str, dict, str]) -> dict:
+    """Dedup one partition on its own; its report lines go to ``report`` (ascending removed index)."""
+    from pipelines.dedup import find_duplicates
+
+    pdir, cfg, report = job
+    gidx: list[int] = []
+    ids: list[Any] = []
+    texts: list[str] = []
+    for f in sorted(Path(pdir).glob("s*.jsonl")):  # shard order = input order
+        for line in f.read_text("utf-8").splitlines():
+            i, rid, t = json.loads(line)
+            gidx.append(i)
+            ids.append(rid)
+            texts.append(t)
+    npys = sorted(Path(pdir).glob("s*.npy"))
+    mats = [m for m in (np.load(f) for f in npys) if len(m)]
+    emb = np.concatenate(mats) if mats else None
+
+    def embed_fn(rep_texts: list[str]) -> np.ndarray:
+        assert emb is not None and len(emb) == len(rep_texts), "partition embeddings do not match its records"
+        return emb
+
+    keep, removed, stats = find_duplicates(texts, DedupConfig(**cfg), progress=False, embed_fn=embed_fn)
+    with open(report, "w", encoding="utf-8") as f:
+        for r in removed:
+            m, k = r["removed_index"], r["kept_index"]
+            f.write(json.dumps({"removed_id": ids[m], "removed_text": texts[m], "kept_id": ids[k], "kept_text": texts[k],
+                                **r, "removed_index": gidx[m], "kept_index": gidx[k]},
+                               ensure_ascii=False, default=str) + "\n")
+    reasons = [r["reason"] for r in removed]
+    return {"removed": np.array([gidx[r["removed_index"]] for r in removed], dtype=np.int64), "n": len(texts),
+            "exact": reasons.count("exact"), "near": reasons.count("near"),
+            "stats": {k: v for k, v in stats.items() if k != "embed_s"}}
+
+
+def _write_task(job: tuple[str, str, str, np.ndarray, str]) -> int:
+    from pipelines.records import dumps_record
+
+    shard, field, bad_records, keep, out = job
+    n = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for rec, k in zip(_read_shard(shard, field, bad_records), keep):
+            if k:
+                f.write(dumps_record(rec))
+                n += 1
+    return n
+
+
+def partition_reps(emb_files: Sequence[Path], parts: int, seed: int = 0, chunk: int = 65_536) -> np.ndarray:
+    """Partition id of every representative: spherical k-means (faiss) on a sample of at most 256 per partition,
+    then each vector's nearest centroid, read chunk by chunk from the memory-mapped shard files."""
+    import faiss
+
+    mats = [np.load(f, mmap_mode="r") for f in emb_files]
+    sizes = np.array([len(m) for m in mats])
+    n = int(sizes.sum())
+    d = next(m.shape[1] for m in mats if len(m))
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, parts * 256), replace=False))
+    which = np.searchsorted(np.cumsum(sizes), sample, side="right")
+    offs = np.r_[0, np.cumsum(sizes)[:-1]]
+    x = np.stack([mats[w][i - offs[w]] for w, i in zip(which, sample)]).astype(np.float32)
+    km = faiss.Kmeans(d, parts, niter=25, seed=seed + 1, spherical=True, max_points_per_centroid=256, verbose=False)
+    km.train(x)
+    out = np.empty(n, dtype=np.int32)
+    for m, off in zip(mats, offs):
+        for s in range(0, len(m), chunk):
+            _, lab = km.index.search(np.ascontiguousarray(m[s : s + chunk], dtype=np.float32), 1)
+            out[off + s : off + s + len(lab)] = lab[:, 0]
+    return out
+
+
+def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, report: Path | None = None,
+                  mapper: Mapper | None = None, shards: int = 1, work_dir: Path | None = None,
+                  threads: int = 0) -> dict:
+    """``pipelines.dedup.dedup_file`` by shards and embedding-space partitions on ``mapper`` (default: this
+    process). Same files and report; memory per task bounded by the shard and partition sizes."""
+    import heapq
+    import resource
+    import time
+
+    from pipelines.dedup import report_path
+    from pipelines.records import write_rejected
+
+    input, output = Path(input), Path(output)
+    report = Path(report) if report else report_path(output)
+    mapper = mapper or (lambda fn, items: [fn(x) for x in items])
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=work_dir or output.parent, prefix=".dedup-shards-") as tmp:
+        work = Path(tmp)
+        parts_in = split(input, shards, work / "in")
+        base = (field, cfg.bad_records)
+        keys = mapper(_keys_task, [(str(p), *base) for p in parts_in])
+        offsets = np.cumsum([0] + [k.get("lines", 0) for k in keys[:-1]]).tolist()
+        rejected: list[dict] = []
+        try:
+            for k, off in zip(keys, offsets):
+                if "error" in k:
+                    raise BadInputError(input, k["error"], None if k["line"] is None else k["line"] + off)
+                rejected.extend({**r, "line": r["line"] + off} for r in k["rejected"])
+            n = sum(k["n"] for k in keys)
+            check_bad_fraction(input, n, len(rejected), cfg.max_bad_fraction, output)
+        finally:
+            if cfg.bad_records == "quarantine":
+                write_rejected(output, rejected)
+        counts = [k["n"] for k in keys]
+        starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+        allkeys = np.frombuffer(b"".join(k["keys"] for k in keys), dtype="V16")
+        _, first, inverse = np.unique(allkeys, return_index=True, return_inverse=True)
+        rep_of = first[inverse.ravel()]
+        is_rep = rep_of == np.arange(n)
+        n_reps = int(is_rep.sum())
+        n_parts = max(1, -(-n_reps // cfg.partition_size))
+        times["keys_s"] = time.perf_counter() - t
+        emb_files: list[Path] = []
+        if cfg.semantic and n_reps > 1:
+            t = time.perf_counter()
+            emb_files = [work / f"emb-{k:05d}.npy" for k in range(len(parts_in))]
+            jobs = [(str(p), *base, np.flatnonzero(is_rep[s : s + c]), str(e), cfg.model_dump(), threads)
+                    for p, s, c, e in zip(parts_in, starts, counts, emb_files)]
+            mapper(_embed_task, jobs)
+            times["embed_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rep_pos = np.cumsum(is_rep) - 1
+        if n_parts == 1:
+            part_of = np.zeros(n, dtype=np.int32)
+        elif emb_files:
+            part_of = partition_reps(emb_files, n_parts)[rep_pos[rep_of]]
+        else:  # exact-only: partition by hash, copies always land together
+            part_of = (np.frombuffer(allkeys.tobytes(), dtype="<u4")[::4] % n_parts).astype(np.int32)[rep_of]
+        psize = np.bincount(part_of, minlength=n_parts)
+        mapper(_bucket_task, [(str(p), *base, int(s), part_of[s : s + c], is_rep[s : s + c],
+                               str(emb_files[k]) if emb_files else None, str(work), k)
+                              for k, (p, s, c) in enumerate(zip(parts_in, starts, counts))])
+        times["partition_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pdirs = sorted(work.glob("p*"))
+        reports = [work / f"report-{d.name}.jsonl" for d in pdirs]
+        dcfg = {**cfg.model_dump(), "num_proc": 1}
+        res = mapper(_partition_task, [(str(d), dcfg, str(r)) for d, r in zip(pdirs, reports)])
+        times["dedup_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        keep = np.ones(n, dtype=bool)
+        for r in res:
+            keep[r["removed"]] = False
+        outs = [work / f"out-{k:05d}.jsonl" for k in range(len(parts_in))]
+        kept = mapper(_write_task, [(str(p), *base, keep[s : s + c], str(o))
+                                    for p, s, c, o in zip(parts_in, starts, counts, outs)])
+        merge(outs, output)
+        with atomic_write(report) as f:
+            files = [open(r, encoding="utf-8") for r in reports]
+            try:
+                for line in heapq.merge(*files, key=lambda x: json.loads(x)["removed_index"]):
+                    f.write(line)
+            finally:
+                for fh in files:
+                    fh.close()
+        times["write_s"] = time.perf_counter() - t
+    stats = {k: sum(r["stats"][k] for r in res) for k in ("candidate_pairs", "rejected_pairs", "rescued", "search_s",
+                                                          "verify_s")}
+    return {"records_in": n + len(rejected), "records_out": int(sum(kept)), "rejected": len(rejected),
+            "exact_duplicates": sum(r["exact"] for r in res), "near_duplicates": sum(r["near"] for r in res),
+            **{k: int(v) for k, v in stats.items() if not k.endswith("_s")},
+            "embed_s": round(times.get("embed_s", 0.0), 3), "search_s": round(stats["search_s"], 3),
+            "verify_s": round(stats["verify_s"], 3), "shards": len(parts_in), "partitions": int(n_parts),
+            "largest_partition": int(psize.max()) if n else 0,
+            "peak_rss_mib": {"driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                             "tasks": {str(k): round(v, 1) for k, v in getattr(mapper, "peaks", {}).items()}},
+            "seconds": {k: round(v, 3) for k, v in times.items()}, "report": str(report)}
+
+
+# ------------------------------------------------------------------------------------------- stage entry points
+def n_shards(input: Path, executor: ExecutorConfig) -> int:
+    """Shards of ``executor.shard_mb`` each, and at least one per worker of a Dask cluster."""
+    size = Path(input).stat().st_size if Path(input).is_file() else 0
+    n = max(1, -(-size // (executor.shard_mb << 20)))
+    return max(n, executor.workers) if executor.kind == "dask" else n
+
+
+def _sharded(input: Path) -> bool:
+    return Path(input).suffix.lower() in (".jsonl", ".ndjson")
+
+
+def sanitize_records(input: Path, output: Path, cfg: SanitizeConfig, field: str,
+                     executor: ExecutorConfig | None = None) -> dict:
+    """The sanitize stage's file work on the configured executor (``num_proc`` local processes when local)."""
+    from pipelines.sanitize import sanitize_file
+
+    executor = executor or ExecutorConfig()
+    if executor.kind != "local":
+        with open_mapper(executor, "sanitize") as mapper:
+            return sanitize_sharded(input, output, cfg, field, n_shards(input, executor), mapper,
+                                    Path(executor.work_dir) if executor.work_dir else None)
+    if cfg.num_proc > 1 and _sharded(input):
+        return sanitize_sharded(input, output, cfg, field, shards=cfg.num_proc)
+    return sanitize_file(input, output, cfg, field)
+
+
+def dedup_records(input: Path, output: Path, cfg: DedupConfig, field: str, report: Path | None = None,
+                  executor: ExecutorConfig | None = None, progress: bool = True) -> dict:
+    """The dedup stage's file work: JSONL by shards and partitions on the configured executor (``num_proc``
+    local processes when local); other formats in one process (``pipelines.dedup.dedup_file``)."""
+    from pipelines.dedup import dedup_file
+
+    executor = executor or ExecutorConfig()
+    if executor.kind == "local" and not _sharded(input):
+        return dedup_file(input, output, cfg, field, report, progress)
+    work = Path(executor.work_dir) if executor.work_dir else None
+    if executor.kind == "local":
+        mapper = local_mapper(cfg.num_proc) if cfg.num_proc > 1 else in_process("dedup")
+        return dedup_sharded(input, output, cfg, field, report, mapper, max(n_shards(input, executor), cfg.num_proc),
+                             work)
+    with open_mapper(executor, "dedup") as mapper:
+        return dedup_sharded(input, output, cfg, field, report, mapper, n_shards(input, executor), work,
+                             worker_threads(executor))
 
 
 def main(argv: list[str] | None = None) -> int:
