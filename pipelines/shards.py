@@ -303,28 +303,59 @@ def _write_task(job: tuple[str, str, str, np.ndarray, str]) -> int:
     return n
 
 
-def partition_reps(emb_files: Sequence[Path], parts: int, seed: int = 0, chunk: int = 65_536) -> np.ndarray:
-    """Partition id of every representative: spherical k-means (faiss) on a sample of at most 256 per partition,
-    then each vector's nearest centroid, read chunk by chunk from the memory-mapped shard files."""
+def partition_reps(emb_files: Sequence[Path], parts: int, seed: int = 0, chunk: int = 65_536,
+                   max_size: int | None = None) -> np.ndarray:
+    """Partition id of every representative: spherical k-means (faiss) on a sample of at most 256 vectors per
+    partition, then each vector's nearest centroid, read chunk by chunk from the memory-mapped shard files.
+
+    k-means cells are uneven; a cell above ``max_size`` is split again by its own k-means (a few rounds at most),
+    so the largest partition, which sets a worker's memory, stays near the target."""
     import faiss
 
     mats = [np.load(f, mmap_mode="r") for f in emb_files]
     sizes = np.array([len(m) for m in mats])
+    offs = np.r_[0, np.cumsum(sizes)[:-1]]
     n = int(sizes.sum())
     d = next(m.shape[1] for m in mats if len(m))
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, parts * 256), replace=False))
-    which = np.searchsorted(np.cumsum(sizes), sample, side="right")
-    offs = np.r_[0, np.cumsum(sizes)[:-1]]
-    x = np.stack([mats[w][i - offs[w]] for w, i in zip(which, sample)]).astype(np.float32)
-    km = faiss.Kmeans(d, parts, niter=25, seed=seed + 1, spherical=True, max_points_per_centroid=256, verbose=False)
-    km.train(x)
-    out = np.empty(n, dtype=np.int32)
-    for m, off in zip(mats, offs):
-        for s in range(0, len(m), chunk):
-            _, lab = km.index.search(np.ascontiguousarray(m[s : s + chunk], dtype=np.float32), 1)
-            out[off + s : off + s + len(lab)] = lab[:, 0]
-    return out
+
+    def rows(idx: np.ndarray) -> np.ndarray:
+        which = np.searchsorted(np.cumsum(sizes), idx, side="right")
+        return np.stack([mats[w][i - offs[w]] for w, i in zip(which, idx)]).astype(np.float32)
+
+    def kmeans(members: np.ndarray | None, k: int, rnd: int):
+        pool = n if members is None else len(members)
+        pick = np.sort(np.random.default_rng(seed + rnd).choice(pool, size=min(pool, k * 256), replace=False))
+        km = faiss.Kmeans(d, k, niter=25, seed=seed + 1 + rnd, spherical=True, max_points_per_centroid=256,
+                          verbose=False)
+        km.train(rows(pick if members is None else members[pick]))
+        return km.index
+
+    def assign(index, members: np.ndarray | None) -> np.ndarray:
+        out = np.empty(n if members is None else len(members), dtype=np.int32)
+        if members is None:
+            for m, off in zip(mats, offs):
+                for s in range(0, len(m), chunk):
+                    _, lab = index.search(np.ascontiguousarray(m[s : s + chunk], dtype=np.float32), 1)
+                    out[off + s : off + s + len(lab)] = lab[:, 0]
+        else:
+            for s in range(0, len(members), chunk):
+                _, lab = index.search(rows(members[s : s + chunk]), 1)
+                out[s : s + len(lab)] = lab[:, 0]
+        return out
+
+    labels = assign(kmeans(None, parts, 0), None)
+    for rnd in range(1, 4):
+        counts = np.bincount(labels)
+        big = np.flatnonzero(counts > (max_size or n))
+        if not len(big):
+            break
+        for p in big:
+            members = np.flatnonzero(labels == p)
+            k = -(-len(members) // (max_size or n)) + 1
+            sub = assign(kmeans(members, k, rnd * 1000 + int(p)), members)
+            nxt = labels.max() + 1
+            labels[members] = np.where(sub == 0, p, nxt + sub - 1)
+    return labels
 
 
 def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, report: Path | None = None,
@@ -383,7 +414,7 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
         if n_parts == 1:
             part_of = np.zeros(n, dtype=np.int32)
         elif emb_files:
-            part_of = partition_reps(emb_files, n_parts)[rep_pos[rep_of]]
+            part_of = partition_reps(emb_files, n_parts, max_size=2 * cfg.partition_size)[rep_pos[rep_of]]
         else:  # exact-only: partition by hash, copies always land together
             part_of = (np.frombuffer(allkeys.tobytes(), dtype="<u4")[::4] % n_parts).astype(np.int32)[rep_of]
         psize = np.bincount(part_of, minlength=n_parts)
@@ -420,7 +451,7 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
             "exact_duplicates": sum(r["exact"] for r in res), "near_duplicates": sum(r["near"] for r in res),
             **{k: int(v) for k, v in stats.items() if not k.endswith("_s")},
             "embed_s": round(times.get("embed_s", 0.0), 3), "search_s": round(stats["search_s"], 3),
-            "verify_s": round(stats["verify_s"], 3), "shards": len(parts_in), "partitions": int(n_parts),
+            "verify_s": round(stats["verify_s"], 3), "shards": len(parts_in), "partitions": len(pdirs),
             "largest_partition": int(psize.max()) if n else 0,
             "peak_rss_mib": {"driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                              "tasks": {str(k): round(v, 1) for k, v in getattr(mapper, "peaks", {}).items()}},

@@ -161,3 +161,24 @@ def test_executor_is_not_part_of_the_fingerprint() -> None:
     assert b.executor == ExecutorConfig(kind="dask", workers=4, scheduler="tcp://10.0.0.5:8786")
     for stage in ("sanitize", "dedup"):
         assert stage_fingerprint_config(a, stage) == stage_fingerprint_config(b, stage)
+
+
+def test_partition_reps_splits_an_oversized_cell(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipelines.shards import partition_reps
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, 32))
+    # one dense blob of 3000 vectors and a small one: plain k-means with 2 cells leaves a 3000-vector partition
+    x = np.concatenate([c + 0.05 * rng.normal(size=(m, 32)) for c, m in zip(centres, (3000, 600))])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)[rng.permutation(3600)]
+    files = []
+    for k, part in enumerate(np.array_split(x, 3)):
+        np.save(tmp_path / f"e{k}.npy", part)
+        files.append(tmp_path / f"e{k}.npy")
+    plain = np.bincount(partition_reps(files, 2))
+    split = partition_reps(files, 2, max_size=1200)
+    assert plain.max() >= 2900
+    assert np.bincount(split).max() <= 1200 and len(np.unique(split)) >= 4
+    assert (partition_reps(files, 2, max_size=1200) == split).all()  # deterministic
