@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -217,16 +217,51 @@ class DedupConfig(Strict):
     )
     verify: bool = Field(True, description="Numbers and names must agree before a semantic pair is dropped.")
     keep: Literal["first", "longest"] = Field("first", description="Which record of a duplicate cluster survives.")
+    paraphrases: Literal["drop", "keep", "keep_k"] = Field(
+        "drop",
+        description="Records that restate the same facts (same numbers and names) in other words: 'drop' keeps one "
+        "record per fact cluster; 'keep' keeps one per wording (for a model learning facts, paraphrases are "
+        "augmentation: Allen-Zhu & Li, Physics of LMs 3.1); 'keep_k' at most paraphrase_k wordings per cluster. "
+        "Exact, boilerplate-wrapped and truncated copies of a wording and fact-free templated text always go.",
+    )
+    paraphrase_k: int = Field(2, ge=1, description="keep_k: wordings kept per fact cluster (1 is the same as drop).")
     batch_size: int = Field(256, ge=1)
     bad_records: Literal["fail", "quarantine"] = "fail"
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class CurriculumConfig(Strict):
-    mode: Literal["easy_to_hard", "bucketed", "off"] = "easy_to_hard"
-    buckets: int = Field(4, ge=1, description="For 'bucketed': records are shuffled within this many ppl buckets.")
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(256, ge=8)
+    """The curriculum stage ranks records easy -> hard by perplexity; ``schedule`` says how dapt then draws them.
+
+    dapt packs the ranked records into rows once and a sampler (``pipelines.training.PacingSampler``) orders the
+    rows of every epoch: ``fixed`` easy -> hard every epoch; ``bucketed`` that order cut into ``buckets`` perplexity
+    buckets, shuffled within each bucket every epoch; ``competence_linear`` / ``competence_root`` competence-based
+    pacing (Platanios et al., NAACL 2019): at training progress t the rows are drawn from the easiest c(t) share,
+    c growing from ``c0`` to 1 over the first ``ramp`` of training (linear: c = t(1-c0)/ramp + c0; root:
+    c = sqrt(t(1-c0^2)/ramp + c0^2)), reshuffled within the window every epoch; ``random`` a fresh shuffle every
+    epoch (no curriculum; the baseline); ``off`` no scoring at all, the records in their given order.
+    """
+
+    PACING: ClassVar[tuple[str, ...]] = ("schedule", "buckets", "c0", "ramp")  # what dapt reads (its fingerprint)
+
+    schedule: Literal["fixed", "bucketed", "competence_linear", "competence_root", "random", "off"] = Field(
+        "fixed", description="How dapt draws the ranked records (see the class doc); 'fixed' is easy -> hard.")
+    buckets: int = Field(4, ge=1, description="bucketed: the ranked records are cut into this many buckets.")
+    c0: float = Field(0.2, gt=0.0, le=1.0,
+                      description="competence_*: share of the records (the easiest) drawn from at the start.")
+    ramp: float = Field(0.5, gt=0.0, le=1.0,
+                        description="competence_*: share of training after which every record is drawn from. "
+                                    "Each epoch that starts after it is a shuffle of the whole set.")
+    batch_size: int = Field(32, ge=1, description="Scoring batch size.")
+    max_length: int = Field(256, ge=8, description="Scoring truncates each record to this many tokens.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        if isinstance(data, dict) and "mode" in data:
+            raise ValueError("curriculum.mode is now curriculum.schedule (easy_to_hard -> fixed, bucketed -> "
+                             "bucketed, off -> off; new: competence_linear, competence_root, random)")
+        return data
 
 
 # -------------------------------------------------------------------------------------------------------- training

@@ -1,13 +1,15 @@
-"""curriculum: order deduplicated records easy -> hard by their perplexity under a reference model.
+"""curriculum: rank deduplicated records easy -> hard by their perplexity under a reference model.
 
 Reads: ``inputs["records"]`` (JSONL from dedup), ``inputs["model"]`` (reference model directory: the base model).
-Writes: ``data/records.jsonl`` (records in training order, each with its ``perplexity``), ``perplexity.jsonl``,
-``perplexity_histogram.png``. dapt trains on ``data/`` in exactly this order (sequential sampler, no shuffling).
+Writes: ``data/records.jsonl`` (records ranked easy -> hard, each with its ``perplexity``), ``perplexity.jsonl``,
+``perplexity_histogram.png``. This stage only ranks; ``curriculum.schedule`` is how dapt then reads the ranking
+(``pipelines.training.PacingSampler``: fixed easy -> hard every epoch, bucketed, competence-paced, or random).
+``schedule: off`` skips the scoring and keeps the records in their given order.
 
 Perplexity is computed in batches of similar length (sorted by token count), so padding is minimal, and padding
 never enters the loss (its label is -100). Run alone::
 
-    python -m pipelines.curriculum RECORDS.jsonl MODEL_DIR OUT_DIR [--mode easy_to_hard|bucketed|off]
+    python -m pipelines.curriculum RECORDS.jsonl MODEL_DIR OUT_DIR [--off]
 """
 
 from __future__ import annotations
@@ -96,24 +98,26 @@ def curriculum(records: list[dict], field: str, model_dir: Path, ccfg: Curriculu
                out_dir: Path, spec: LoadSpec | None = None) -> StageOutput:
     spec = spec or LoadSpec()
     texts = [r[field] for r in records]
-    if ccfg.mode == "off":
+    if ccfg.schedule == "off":
         ppl = np.full(len(texts), np.nan)
     else:
         tokenizer = load_tokenizer(model_dir, **spec.kwargs(model_dir))
         model = load_model(model_dir, dtype=spec.dtype, **spec.kwargs(model_dir)).to(spec.torch_device())
         ppl = perplexities(model, tokenizer, texts, ccfg.batch_size, ccfg.max_length)
-    order = order_indices(ppl, ccfg.mode, ccfg.buckets, seed)
+    # always the plain ranking: bucketing, pacing and shuffling happen per epoch in the training stage's sampler
+    order = order_indices(ppl, "off" if ccfg.schedule == "off" else "easy_to_hard", ccfg.buckets, seed)
     ordered = [{**records[i], "perplexity": None if np.isnan(ppl[i]) else round(float(ppl[i]), 4)} for i in order]
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "data" / "records.jsonl", ordered)
     write_jsonl(out_dir / "perplexity.jsonl", ({"index": i, "perplexity": r["perplexity"]} for i, r in zip(order, ordered)))
     metrics: dict[str, float] = {"records": float(len(records))}
-    if ccfg.mode != "off" and len(ppl):
+    if ccfg.schedule != "off" and len(ppl):
         histogram(ppl, out_dir / "perplexity_histogram.png")
         q = np.percentile(ppl, [10, 50, 90])
         metrics.update({"ppl_p10": float(q[0]), "ppl_median": float(q[1]), "ppl_p90": float(q[2]),
                         "ppl_mean": float(np.mean(ppl))})
-    summary = f"{len(records)} records ordered ({ccfg.mode}); median perplexity {metrics.get('ppl_median', float('nan')):.1f}"
+    summary = (f"{len(records)} records {'kept in their order' if ccfg.schedule == 'off' else 'ranked easy -> hard'} "
+               f"(dapt schedule {ccfg.schedule}); median perplexity {metrics.get('ppl_median', float('nan')):.1f}")
     return StageOutput(primary="data", metrics=metrics, summary=summary)
 
 
@@ -129,14 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--field", default="text")
-    ap.add_argument("--mode", default="easy_to_hard", choices=["easy_to_hard", "bucketed", "off"])
-    ap.add_argument("--buckets", type=int, default=4)
+    ap.add_argument("--off", action="store_true", help="no scoring: keep the records in their given order")
     args = ap.parse_args(argv)
     if not args.records.is_file():
         print(f"error: {args.records}: file not found", file=sys.stderr)
         return 2
     out = curriculum(read_jsonl(args.records), args.field, args.model_dir,
-                     CurriculumConfig(mode=args.mode, buckets=args.buckets), 0, args.out_dir)
+                     CurriculumConfig(schedule="off" if args.off else "fixed"), 0, args.out_dir)
     print(out.summary)
     return 0
 

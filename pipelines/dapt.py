@@ -4,10 +4,18 @@ Reads: ``inputs["records"]`` (curriculum output, in training order), ``inputs["m
 With ``dapt.mix_sft`` > 0, ``inputs["sft"]`` (the sft conversations) is replayed as rendered text (the one renderer,
 :mod:`pipelines.chat`), spread evenly through that order; ``examples.jsonl`` shows the first replayed examples.
 Writes: ``model/`` (full safetensors weights, or a LoRA adapter when ``dapt.peft.method`` is lora) + tokenizer +
-manifest. Whole texts are packed in curriculum order into ``max_length`` rows, each text attending only to itself
-(``modeling.pack_documents``); the trainer reads the rows sequentially, so each epoch goes easy -> hard. Run alone::
+manifest. Whole texts are packed once, in curriculum order (easy -> hard), into ``max_length`` rows, each text
+attending only to itself (``modeling.pack_documents``); ``curriculum.schedule`` then orders the rows of every epoch
+(``training.PacingSampler``: fixed easy -> hard, bucketed, competence-paced windows, or random).
 
-    python -m pipelines.dapt RECORDS.jsonl MODEL_DIR OUT_DIR [--epochs 3]
+The schedule orders packed rows, not documents: packing stays one deterministic pass (the trainer's epochs, steps
+and resume are the usual ones), and since row k holds the documents that follow row k-1's in the ranking, the
+easiest share of the rows is the easiest share of the documents (to one row at the window's edge). Which documents
+share a row does not matter to what each learns: a document attends only to itself. A record counts as seen when
+every row holding its tokens has been drawn; ``curriculum_unseen_rows`` in the metrics counts rows never drawn
+(0 unless the run ends within one epoch of the ramp). Run alone::
+
+    python -m pipelines.dapt RECORDS.jsonl MODEL_DIR OUT_DIR [--epochs 3] [--schedule fixed]
 """
 
 from __future__ import annotations
@@ -18,10 +26,10 @@ from pathlib import Path
 
 from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.chat import Renderer
-from pipelines.config import DaptConfig, PipelineConfig, TemplateConfig
+from pipelines.config import CurriculumConfig, DaptConfig, PipelineConfig, TemplateConfig
 from pipelines.modeling import LoadSpec, load_spec, pack_documents, seed_everything
 from pipelines.training import (
-    EXAMPLES, N_EXAMPLES, last_checkpoint, load_trainable, log_history_metrics, lora_config, save_trained, sequential,
+    EXAMPLES, N_EXAMPLES, last_checkpoint, load_trainable, log_history_metrics, lora_config, paced, save_trained,
     trainer_kwargs,
 )
 
@@ -53,8 +61,9 @@ def block_dataset(tokenizer, texts: list[str], block: int):
 
 def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir: Path,
          spec: LoadSpec | None = None, work_dir: Path | None = None, replay: list[dict] | None = None,
-         template: TemplateConfig | None = None) -> StageOutput:
-    """Continued pretraining on ``texts``; ``replay`` (sft conversations) is mixed in ``dcfg.mix_sft`` times."""
+         template: TemplateConfig | None = None, curriculum: CurriculumConfig | None = None) -> StageOutput:
+    """Continued pretraining on ``texts`` (ranked easy -> hard), read as ``curriculum.schedule`` says (default:
+    fixed, in the given order); ``replay`` (sft conversations) is mixed in ``dcfg.mix_sft`` times."""
     from transformers import Trainer, TrainingArguments
 
     seed_everything(seed)
@@ -64,7 +73,7 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
                                                                                str(model_dir))
     if replay and dcfg.mix_sft > 0:
         texts = interleave(texts, replay_texts(renderer, replay, dcfg.mix_sft))
-    # what continued pretraining trains on, in training order (replayed conversations rendered as sft renders them)
+    # what continued pretraining trains on, in ranked order (replayed conversations rendered as sft renders them)
     write_jsonl(out_dir / EXAMPLES, [{"trained_text": t, "tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1}
                                      for t in texts[:N_EXAMPLES]] +
                 [{**renderer.example(r["messages"], dcfg.max_length), "replayed": True} for r in (replay or [])[:2]
@@ -79,23 +88,25 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
     use_cache, model.config.use_cache = model.config.use_cache, False
     work_dir = work_dir or out_dir / "checkpoints"
     args = TrainingArguments(**trainer_kwargs(dcfg, work_dir, seed))
-    trainer = sequential(Trainer)(model=model, args=args, train_dataset=train)
+    trainer = paced(Trainer, curriculum or CurriculumConfig(), seed)(model=model, args=args, train_dataset=train)
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     metrics = log_history_metrics(trainer)
+    metrics["curriculum_unseen_rows"] = float(trainer.pacing.unseen())
     model.config.use_cache = use_cache
     metrics["train_blocks"] = float(len(train))
     metrics["train_tokens_per_epoch"] = float(sum(x != -100 for b in train["labels"] for x in b))  # with a loss
     save_trained(trainer.model, tokenizer, out_dir / "model",
                  {"stage": "dapt", "task": "causal_lm", "config": dcfg.model_dump(), "metrics": metrics})
     return StageOutput(primary="model", metrics=metrics,
-                       summary=f"{metrics['global_step']:.0f} steps, final loss {metrics.get('train_loss', float('nan')):.3f}")
+                       summary=f"{metrics['global_step']:.0f} steps, final loss {metrics.get('train_loss', float('nan')):.3f} "
+                               f"(schedule {(curriculum or CurriculumConfig()).schedule})")
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
     texts = [r[cfg.data.text_field] for r in read_jsonl(inputs["records"])]
     replay = read_jsonl(inputs["sft"]) if cfg.dapt.mix_sft > 0 else None
     return dapt(texts, inputs["model"], cfg.dapt, cfg.seed, out_dir, load_spec(cfg.model), inputs.get("work_dir"),
-                replay, cfg.template)
+                replay, cfg.template, cfg.curriculum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--field", default="text")
     ap.add_argument("--epochs", type=float, default=DaptConfig().epochs)
+    ap.add_argument("--schedule", default=CurriculumConfig().schedule,
+                    choices=CurriculumConfig.model_fields["schedule"].annotation.__args__)
     args = ap.parse_args(argv)
     if not args.records.is_file():
         print(f"error: {args.records}: file not found", file=sys.stderr)
         return 2
     texts = [r[args.field] for r in read_jsonl(args.records)]
-    print(dapt(texts, args.model_dir, DaptConfig(epochs=args.epochs), 0, args.out_dir).summary)
+    print(dapt(texts, args.model_dir, DaptConfig(epochs=args.epochs), 0, args.out_dir,
+               curriculum=CurriculumConfig(schedule=args.schedule)).summary)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Reads: a record file (normally sanitize's JSONL; any format of ``pipelines.records``). Writes: the kept records as
 JSONL (every field kept, input order), atomically; in a pipeline run also ``dedup_report.jsonl``: one line per
-removed record with its kept twin, the similarity and the reason (``exact`` | ``near``).
+removed record with its kept twin, the similarity, the reason (``exact`` | ``near``: the two texts) and the kind
+(``exact`` | ``boilerplate`` | ``truncation`` | ``paraphrase`` | ``template``: what the removed record is, below).
 
 How:
 1. exact: hash of the normalised text (NFKC, casefold, punctuation removed, whitespace collapsed);
@@ -14,8 +15,14 @@ How:
    "Bob joined Acme in 2021" above 0.95, so numbers must agree, names/model codes must agree and the texts must
    share words; one text contained in the other (truncation) is a duplicate;
 4. union-find over exact and verified pairs; one record per cluster survives (``keep``: first | longest), and
-   any other member that states a number no survivor states survives too (pairs verify one at a time, so a
-   cluster can chain two different facts together; the count is ``rescued`` in the stage metrics).
+   any other member that states a number no survivor states (or, not being a copy of a wording, a name no
+   survivor has) survives too (pairs verify one at a time, so a cluster can chain two different facts
+   together; the count is ``rescued`` in the stage metrics);
+5. a cluster is one set of facts in one or more wordings (``wordings``): exact, boilerplate-wrapped and truncated
+   copies of a wording always go (``copy_kind``: one shared run of words, only the ends differ), and so does
+   fact-free templated text; other wordings, the same numbers and names in other words, are paraphrases:
+   ``paraphrases`` drop (one record per cluster, the default) | keep (one per wording) | keep_k (``paraphrase_k``
+   wordings per cluster). Each kind is counted in the stage metrics and the summary.
 
 Embeddings can be computed shard by shard (``num_proc`` worker processes, or any engine through
 ``pipelines.shards.sharded_embedder``); exact hashing, search and verification stay global.
@@ -23,6 +30,7 @@ Embeddings can be computed shard by shard (``num_proc`` worker processes, or any
 Run alone::
 
     python -m pipelines.dedup INPUT OUTPUT [--field text] [--bad-records fail|quarantine] [--keep first|longest]
+        [--paraphrases drop|keep|keep_k] [--paraphrase-k 2]
 """
 
 from __future__ import annotations
@@ -106,10 +114,15 @@ def _numbers(text: str) -> set[str]:
 
 
 def _names(text: str) -> set[str]:
-    """Capitalised words not opening a sentence, plus model codes (letters and digits mixed: XR-200, QX7)."""
+    """Capitalised words not opening a sentence (in Chinese text: every capitalised Latin word), plus model codes
+    (letters and digits mixed: XR-200, QX7)."""
     names = {m.group().lower() for m in _CODE.finditer(text)}
+    zh = bool(_CJK.search(text))
     for m in _TOKEN.finditer(text):  # same tokenisation as the overlap test, so "TM-996" stays one word
         w = m.group()
+        if zh:  # Chinese has no capitalised sentence openers: a capitalised Latin word is a name anywhere
+            names.update(x.lower() for x in _CJK.split(w) if x[:1].isupper())
+            continue
         if not w[0].isupper() or w.lower() in _STOP:
             continue
         before = text[: m.start()].rstrip()
@@ -177,6 +190,113 @@ def verify_pair(a: str, b: str) -> tuple[bool, str]:
     if not la or not lb or len(la & lb) / min(len(la), len(lb)) < 0.5:
         return False, "low lexical overlap"
     return True, "near"
+
+
+def _words(text: str) -> set[str]:
+    return {t.lower() for t in _tokens(text)}
+
+
+def _facts(text: str) -> set[str]:
+    """What a text states that can be wrong: its numbers, names and model codes."""
+    return _numbers(text) | _names(text)
+
+
+_BOILERPLATE_MAX = 8  # words: "Click here to subscribe to our newsletter", "-- sent from the Veltrane wiki"
+
+
+def _spans(text: str) -> list[tuple[str, int, int]]:
+    """(lower-cased word, start, end) in text order; CJK characters are words of their own."""
+    out = []
+    for m in _TOKEN.finditer(text):
+        if _CJK.search(m.group()):
+            out += [(p.group().lower(), m.start() + p.start(), m.start() + p.end())
+                    for p in re.finditer(r"[\u3400-\u9fff\uf900-\ufaff]|[^\u3400-\u9fff\uf900-\ufaff]+", m.group())]
+        else:
+            out.append((m.group().lower(), m.start(), m.end()))
+    return out
+
+
+def copy_kind(a: str, b: str) -> str | None:
+    """Is ``a`` a copy of ``b``'s wording, so that dropping ``a`` for ``b`` loses nothing?
+
+    ``"truncation"``: ``a`` stops where the shared words stop while ``b`` goes on (a cut-off fragment, or a whole
+    sentence whose cut-off rest is long or names what ``a`` is about); ``"boilerplate"``: the same run of words with a
+    little other text around it in ``a`` (a prefix, a suffix or both; ``b`` may have its own); None: the wording
+    differs inside the shared text (a paraphrase, or another text).
+
+    What ``a`` has around the shared words is boilerplate only if it is short, set off by punctuation ("Posted by
+    admin. ", " (forwarded)", "[Archived] ") and mentions none of ``b``'s numbers or names: "... and is painted
+    teal" continuing a shared sentence is content, and words moved from one end to the other ("On March 7 the
+    ..." / "The ... on March 7") are a rewording.
+    """
+    sa, sb = _spans(a), _spans(b)
+    ta, tb = [w for w, _, _ in sa], [w for w, _, _ in sb]
+    blocks = [m for m in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_matching_blocks() if m.size]
+    if len(blocks) != 1 or blocks[0].size < 0.5 * len(ta):
+        return None
+    i, j, size = blocks[0]
+    before, after, rest = ta[:i], ta[i + size:], tb[j + size:]
+
+    def set_off(lo: int, hi: int) -> bool:  # punctuation (or a symbol such as ">") between two words of a
+        return any(unicodedata.category(c)[0] in "PS" for c in a[lo:hi])
+
+    if max(len(before), len(after)) > _BOILERPLATE_MAX or (before and not set_off(sa[i - 1][2], sa[i][1])) or (
+            after and not set_off(sa[i + size - 1][2], sa[i + size][1])):
+        return None
+    if set(before + after) & _about(b, tb):
+        return None
+    # b goes on where a stops: a was cut off, unless what follows is boilerplate of b's (short, about nothing of a's)
+    if not after and rest and (len(rest) > _BOILERPLATE_MAX or not a.rstrip().endswith(_SENTENCE_END)
+                               or set(rest) & _about(a, ta)):
+        return "truncation"
+    return "boilerplate"
+
+
+def _about(text: str, words: list[str]) -> set[str]:
+    """What a text is about, as lower-cased words: its names and codes, and its words with digits."""
+    return _facts(text) | {t for t in words if any(c.isdigit() for c in t)}
+
+
+_HEADS_TRIED = 64
+
+
+def wordings(members: list[int], kept: int, whole: list[int], texts: list[str], keys: list[bytes],
+             keep: str) -> tuple[list[int], dict[int, tuple[int, str]]]:
+    """A duplicate cluster as wordings: (the head of each wording, in the order ``keep`` prefers them, ``kept``
+    first; {member: (its head, kind)}) for every member but ``kept``.
+
+    kind: ``exact`` | ``boilerplate`` | ``truncation``: a copy of its head's wording (an exact copy of a wrapped
+    copy is boilerplate too); ``paraphrase``: a head of its own, the same facts in other words; ``template``: other
+    words that state no fact at all (no number, name or code: templated text), never a wording of its own.
+    Members are tried as heads in preference order (for ``first``: whole statements in input order, then cut-off
+    fragments), so a fragment joins the whole statement it was cut from.
+    """
+    if keep == "first":
+        wset = set(whole)
+        order = [kept] + [m for m in members if m in wset and m != kept] + [m for m in members if m not in wset]
+    else:
+        order = sorted(members, key=lambda m: (m != kept, -len(texts[m]), m))
+    heads: list[int] = []
+    of: dict[int, tuple[int, str]] = {}
+    by_key: dict[bytes, tuple[int, str]] = {}  # exact copies share their twin's answer: big clusters stay cheap
+    for m in order:
+        if keys[m] in by_key:
+            h, kind = by_key[keys[m]]
+            of[m] = (h, "exact" if keys[m] == keys[h] else kind)
+            continue
+        # (the first _HEADS_TRIED heads only: a huge chained cluster stays linear; a copy of a later one is kept)
+        h, kind = next(((h, k) for h in heads[:_HEADS_TRIED] if (k := copy_kind(texts[m], texts[h]))),
+                       (m, "paraphrase"))
+        if h == m and heads and not _facts(texts[m]):
+            h, kind = heads[0], "template"
+        if h == m:
+            heads.append(m)
+            by_key[keys[m]] = (m, "exact")
+        else:
+            by_key[keys[m]] = (h, kind)
+        if m != kept:
+            of[m] = (h, kind)
+    return heads, of
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
@@ -312,7 +432,7 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
     """
     n = len(texts)
     stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "rejected_pairs": 0, "rescued": 0,
-                               "embed_s": 0.0,
+                               "paraphrases_kept": 0, "embed_s": 0.0,
                                "search_s": 0.0, "lexical_s": 0.0, "verify_s": 0.0}
     keys = [exact_key(t) for t in texts]
     first_of: dict[bytes, int] = {}
@@ -392,18 +512,30 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
         whole = [m for m in members if texts[m].rstrip().endswith(_SENTENCE_END)
                  or not any(len(o) > len(nm) and o.startswith(nm) for nm in [normalize(texts[m])] for o in norms)]
         kept = whole[0] if cfg.keep == "first" else longest
+        # One record per wording survives; how many wordings (paraphrases) survive is the user's choice.
+        heads, of = wordings(members, kept, whole, texts, keys, cfg.keep)
+        quota = {"drop": 1, "keep": len(heads), "keep_k": cfg.paraphrase_k}[cfg.paraphrases]
         # Pairs verify one at a time, so a cluster can chain ("X costs 199" ~ "X is made in A, while Y ..."). A
-        # record is dropped only for a survivor that states all its numbers; otherwise it survives too (counted as
-        # rescued), and later members may be dropped for it. (Names are not checked here: boilerplate such as
-        # "[Archived]" or "Home > Products" reads as names and would keep wrapped copies.)
-        survivors = [(kept, _numbers(texts[kept]))]
-        for m in sorted((m for m in members if m != kept), key=lambda m: (-len(texts[m]), m)):
-            by = kept
-            if cfg.verify:
-                nums = _numbers(texts[m])
-                by = next((k for k, kn in survivors if nums <= kn), -1)
+        # record is dropped only for a survivor that states all its numbers, and a record in other words (not a
+        # copy) also only for one that has all its names; otherwise it survives too (counted as rescued), and later
+        # members may be dropped for it. (A copy's names are not checked: boilerplate such as "[Archived]" or
+        # "Home > Products" reads as names and would keep wrapped copies.)
+        survivors = [(h, _numbers(texts[h]), _words(texts[h])) for h in heads[:quota]]
+        stats["paraphrases_kept"] += len(survivors) - 1
+        alive = {h for h, _, _ in survivors}
+        for m in sorted((m for m in members if m not in alive), key=lambda m: (-len(texts[m]), m)):
+            head, kind = of[m]
+            nums = _numbers(texts[m])
+            names = _names(texts[m]) if kind in ("paraphrase", "template") else set()
+            if not cfg.verify:
+                by = head if head in alive else kept
+            elif head in alive and nums <= _numbers(texts[head]):
+                by = head  # a copy goes for the wording it copies
+            else:
+                by = next((k for k, kn, kw in survivors if nums <= kn and names <= kw), -1)
                 if by < 0:
-                    survivors.append((m, nums))
+                    survivors.append((m, nums, _words(texts[m])))
+                    alive.add(m)
                     stats["rescued"] += 1
                     continue
             keep[m] = False
@@ -411,10 +543,24 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
             sim = 1.0
             if not exact and emb is not None:
                 sim = float(emb[pos[rep_of[m]]] @ emb[pos[rep_of[by]]])
+            # reason: the removed text against the kept one; kind: what the removed record is (see wordings)
             removed.append({"removed_index": m, "kept_index": by, "similarity": round(sim, 4),
-                            "reason": "exact" if exact else "near"})
+                            "reason": "exact" if exact else "near", "kind": kind})
     removed.sort(key=lambda r: r["removed_index"])
     return keep, removed, stats
+
+
+def kind_counts(removed: list[dict], stats: dict) -> dict[str, int]:
+    """The stage's counts of one ``find_duplicates`` result, by kind (``pipelines.shards`` sums them over
+    partitions): ``near_duplicates`` is every removed record that is not an exact copy, as before the kinds."""
+    kinds = [r["kind"] for r in removed]
+    return {"exact_duplicates": kinds.count("exact"), "near_duplicates": len(kinds) - kinds.count("exact"),
+            "boilerplate_duplicates": kinds.count("boilerplate"), "truncated_duplicates": kinds.count("truncation"),
+            "template_duplicates": kinds.count("template"), "paraphrases_dropped": kinds.count("paraphrase"),
+            "paraphrases_kept": int(stats["paraphrases_kept"])}
+
+
+KIND_COUNTS = tuple(kind_counts([], {"paraphrases_kept": 0}))
 
 
 # ---------------------------------------------------------------------------------------------------------- files
@@ -450,11 +596,9 @@ def dedup_file(input: Path, output: Path, cfg: DedupConfig, field: str, report: 
             m, k = r["removed_index"], r["kept_index"]
             f.write(json.dumps({"removed_id": ids[m], "removed_text": texts[m], "kept_id": ids[k], "kept_text": texts[k],
                                 **r}, ensure_ascii=False, default=str) + "\n")
-    reasons = [r["reason"] for r in removed]
     return {"records_in": len(texts) + len(rejected), "records_out": n_out, "rejected": len(rejected),
-            "exact_duplicates": reasons.count("exact"), "near_duplicates": reasons.count("near"),
-            "candidate_pairs": int(stats["candidate_pairs"]), "rejected_pairs": int(stats["rejected_pairs"]),
-            "rescued": int(stats["rescued"]),
+            **kind_counts(removed, stats), "candidate_pairs": int(stats["candidate_pairs"]),
+            "rejected_pairs": int(stats["rejected_pairs"]), "rescued": int(stats["rescued"]),
             "embed_s": round(stats["embed_s"], 3), "search_s": round(stats["search_s"], 3),
             "verify_s": round(stats["verify_s"], 3), "report": str(report)}
 
@@ -465,13 +609,15 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
     out_dir = Path(out_dir)
     res = dedup_file(Path(inputs["records"]), out_dir / "data" / "records.jsonl", cfg.dedup, field,
                      report=out_dir / "dedup_report.jsonl")
-    keys = ("records_in", "records_out", "rejected", "exact_duplicates", "near_duplicates", "candidate_pairs",
-            "rejected_pairs", "rescued")
+    keys = ("records_in", "records_out", "rejected", *KIND_COUNTS, "candidate_pairs", "rejected_pairs", "rescued")
     metrics = {k: float(res[k]) for k in keys}
     summary = (f"**dedup**: {res['records_in']} -> {res['records_out']} records ({res['exact_duplicates']} exact, "
-               f"{res['near_duplicates']} near duplicates removed; {res['rejected_pairs']} of "
+               f"{res['near_duplicates']} near duplicates removed: {res['boilerplate_duplicates']} "
+               f"boilerplate-wrapped, {res['truncated_duplicates']} truncated, {res['template_duplicates']} templated, "
+               f"{res['paraphrases_dropped']} paraphrases; {res['paraphrases_kept']} paraphrases kept "
+               f"(paraphrases: {cfg.dedup.paraphrases}); {res['rejected_pairs']} of "
                f"{res['candidate_pairs']} candidate pairs judged distinct by verification; {res['rescued']} kept "
-               f"for a number no survivor states)")
+               f"for a number or name no survivor states)")
     return StageOutput(primary="data", metrics=metrics, summary=summary)
 
 
@@ -484,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bad-records", choices=["fail", "quarantine"], default=d.bad_records)
     p.add_argument("--max-bad-fraction", type=float, default=d.max_bad_fraction)
     p.add_argument("--keep", choices=["first", "longest"], default=d.keep)
+    p.add_argument("--paraphrases", choices=["drop", "keep", "keep_k"], default=d.paraphrases,
+                   help="records restating the same facts in other words: drop, keep, or keep --paraphrase-k per fact")
+    p.add_argument("--paraphrase-k", type=int, default=d.paraphrase_k)
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--no-semantic", action="store_true", help="exact duplicates only")
     p.add_argument("--no-verify", action="store_true", help="drop every candidate pair (not recommended)")
@@ -492,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = DedupConfig(bad_records=a.bad_records, max_bad_fraction=a.max_bad_fraction, keep=a.keep,
+                          paraphrases=a.paraphrases, paraphrase_k=a.paraphrase_k,
                           threshold=a.threshold, semantic=not a.no_semantic, verify=not a.no_verify,
                           embedding_model=a.embedding_model, num_proc=a.num_proc)
         res = dedup_file(a.input, a.output, cfg, a.field)

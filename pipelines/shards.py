@@ -257,7 +257,7 @@ def _bucket_task(job: tuple[str, str, str, int, np.ndarray, np.ndarray, str | No
 
 def _partition_task(job: tuple[str, dict, str]) -> dict:
     """Dedup one partition on its own; its report lines go to ``report`` (ascending removed index)."""
-    from pipelines.dedup import find_duplicates
+    from pipelines.dedup import find_duplicates, kind_counts
 
     pdir, cfg, report = job
     gidx: list[int] = []
@@ -287,6 +287,7 @@ def _partition_task(job: tuple[str, dict, str]) -> dict:
     reasons = [r["reason"] for r in removed]
     return {"removed": np.array([gidx[r["removed_index"]] for r in removed], dtype=np.int64), "n": len(texts),
             "exact": reasons.count("exact"), "near": reasons.count("near"),
+            "counts": kind_counts(removed, stats),  # per kind of removal + paraphrases kept (dedup.kind_counts)
             "stats": {k: v for k, v in stats.items() if k != "embed_s"}}
 
 
@@ -367,7 +368,7 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
     import resource
     import time
 
-    from pipelines.dedup import report_path
+    from pipelines.dedup import KIND_COUNTS, report_path
     from pipelines.records import write_rejected
 
     input, output = Path(input), Path(output)
@@ -448,7 +449,8 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
     stats = {k: sum(r["stats"][k] for r in res) for k in ("candidate_pairs", "rejected_pairs", "rescued", "search_s",
                                                           "verify_s")}
     return {"records_in": n + len(rejected), "records_out": int(sum(kept)), "rejected": len(rejected),
-            "exact_duplicates": sum(r["exact"] for r in res), "near_duplicates": sum(r["near"] for r in res),
+            # exact_duplicates, near_duplicates and each kind's count (pipelines.dedup.kind_counts), summed
+            **{k: sum(r["counts"][k] for r in res) for k in KIND_COUNTS},
             **{k: int(v) for k, v in stats.items() if not k.endswith("_s")},
             "embed_s": round(times.get("embed_s", 0.0), 3), "search_s": round(stats["search_s"], 3),
             "verify_s": round(stats["verify_s"], 3), "shards": len(parts_in), "partitions": len(pdirs),

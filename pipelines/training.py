@@ -1,17 +1,19 @@
-"""What the training stages share: trainer arguments, PEFT adapters, ordered sampling, saving with a manifest.
+"""What the training stages share: trainer arguments, PEFT adapters, ordered and paced sampling, saving with a
+manifest.
 
 Reads: a stage's :class:`TrainConfig` subclass. Writes: nothing by itself; the stage modules call it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipelines.config import PeftConfig, TrainConfig
+from pipelines.config import CurriculumConfig, PeftConfig, TrainConfig
 from pipelines.modeling import LoadSpec, load_model, load_tokenizer, save_model
 
 EXAMPLES = "examples.jsonl"
@@ -112,6 +114,122 @@ def sequential(trainer_cls):
 
     Ordered.__name__ = f"Sequential{trainer_cls.__name__}"
     return Ordered
+
+
+# ----------------------------------------------------------------------------------------------- pacing sampler
+def competence(t: float, schedule: str, c0: float, ramp: float) -> float:
+    """Share of the ranked set a competence schedule draws from at training progress ``t`` in [0, 1] (Platanios
+    et al., NAACL 2019): linear c = t(1-c0)/ramp + c0, root c = sqrt(t(1-c0^2)/ramp + c0^2), at most 1; other
+    schedules draw from the whole set."""
+    if schedule == "competence_linear":
+        return min(1.0, t * (1 - c0) / ramp + c0)
+    if schedule == "competence_root":
+        return min(1.0, math.sqrt(t * (1 - c0 * c0) / ramp + c0 * c0))
+    return 1.0
+
+
+class PacingSampler(torch.utils.data.Sampler):
+    """The order in which a training stage reads a set that is ranked easy -> hard (row 0 is the easiest).
+
+    Every epoch yields ``n`` indices (the trainer's steps per epoch do not change), computed from (schedule, seed,
+    epoch) alone, so a run resumed mid-epoch skips into the very same order:
+
+    - ``fixed`` / ``off``: 0, 1, ..., n-1 every epoch (the curriculum's order, or the given one);
+    - ``bucketed``: the ranking cut into ``buckets`` equal buckets, each shuffled anew every epoch;
+    - ``random``: a fresh shuffle of the whole set every epoch;
+    - ``competence_linear`` / ``competence_root``: draw ``p`` of ``total`` (progress t = p / total) comes from
+      the window of the easiest ceil(c(t) n) rows (:func:`competence`), without replacement: each epoch starts a
+      shuffled pass over the window, rows entering the window as it grows join the pass, and when every row of
+      the window has been drawn a new shuffled pass begins (easy rows repeat early in training: the point).
+
+    Every record seen: an epoch that starts after the ramp (t >= ramp) is one shuffle of the whole set, so a run
+    that completes such an epoch has drawn every row (a one-epoch run with the default c0 0.2 and ramp 0.5 does
+    too: its window grows about as fast as rows are drawn). Otherwise the run may end with rows never drawn:
+    :meth:`unseen` counts them, and dapt logs it as ``curriculum_unseen_rows``.
+    """
+
+    def __init__(self, n: int, schedule: str, seed: int, total: int, c0: float = 1.0, ramp: float = 1.0,
+                 buckets: int = 1) -> None:
+        self.n, self.schedule, self.seed, self.total = n, schedule, seed, max(1, total)
+        self.c0, self.ramp, self.buckets = c0, ramp, buckets
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it before each epoch (through accelerate)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.order(self.epoch))
+
+    def window(self, p: int) -> int:
+        """How many of the easiest rows draw ``p`` may come from."""
+        c = competence(min(1.0, p / self.total), self.schedule, self.c0, self.ramp)
+        return min(self.n, max(1, math.ceil(c * self.n - 1e-9)))
+
+    def order(self, epoch: int) -> list[int]:
+        import random
+
+        n = self.n
+        rng = random.Random(f"pacing:{self.schedule}:{self.seed}:{epoch}")
+        if self.schedule in ("fixed", "off") or n == 0:
+            return list(range(n))
+        if self.schedule == "random":
+            out = list(range(n))
+            rng.shuffle(out)
+            return out
+        if self.schedule == "bucketed":
+            size = math.ceil(n / self.buckets)
+            out = []
+            for b in range(0, n, size):
+                chunk = list(range(b, min(n, b + size)))
+                rng.shuffle(chunk)
+                out += chunk
+            return out
+        start = epoch * n
+        w = self.window(start)
+        pool = list(range(w))
+        out = []
+        for p in range(start, start + n):
+            grown = self.window(p)
+            if grown > w:
+                pool += range(w, grown)
+                w = grown
+            if not pool:
+                pool = list(range(w))  # the window is drawn through: a new pass
+            j = rng.randrange(len(pool))
+            pool[j], pool[-1] = pool[-1], pool[j]
+            out.append(pool.pop())
+        return out
+
+    def unseen(self) -> int:
+        """Rows never drawn in the first ``total`` draws (0 whenever an epoch starts after the ramp)."""
+        seen: set[int] = set()
+        for e in range(math.ceil(self.total / max(1, self.n))):
+            seen.update(self.order(e)[: self.total - e * self.n])
+        return self.n - len(seen)
+
+
+def planned_draws(args, n: int) -> int:
+    """Rows a trainer with these TrainingArguments reads in all (what progress t = 1 means for the sampler)."""
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return math.ceil(args.num_train_epochs * n)
+
+
+def paced(trainer_cls, ccfg: CurriculumConfig, seed: int):
+    """A Trainer subclass that reads its training set (ranked easy -> hard) through a :class:`PacingSampler`."""
+
+    class Paced(trainer_cls):
+        def _get_train_sampler(self, *args, **kwargs):
+            ds = self.train_dataset
+            self.pacing = PacingSampler(len(ds), ccfg.schedule, seed, planned_draws(self.args, len(ds)),
+                                        ccfg.c0, ccfg.ramp, ccfg.buckets)
+            return self.pacing
+
+    Paced.__name__ = f"Paced{trainer_cls.__name__}"
+    return Paced
 
 
 def log_history_metrics(trainer) -> dict[str, float]:

@@ -64,6 +64,8 @@ def stage_fingerprint_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         out["max_new_tokens"] = cfg.evaluate.max_new_tokens  # the generation config's default length
     if stage in ("ppo", "grpo"):
         out["preference"] = cfg.preference.model_dump(mode="json")
+    if stage == "dapt":  # dapt reads the ranked corpus through the curriculum's schedule
+        out["curriculum"] = cfg.curriculum.model_dump(mode="json", include=set(cfg.curriculum.PACING))
     return out
 
 

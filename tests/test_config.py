@@ -103,3 +103,28 @@ def test_export_block(tmp_path):
         load_config(_write(tmp_path, BASE + "export: {promote: {guards: [{metric: qa_f1, max_drop: 0.1, max_rise: 1}]}}\n"))
     with pytest.raises(ConfigError, match=r"export\.dtype"):
         load_config(_write(tmp_path, BASE + "export: {dtype: int3}\n"))
+
+
+def test_curriculum_schedule_and_the_old_mode_key(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE + "curriculum: {schedule: competence_root, c0: 0.1, ramp: 0.3}\n"))
+    assert (cfg.curriculum.schedule, cfg.curriculum.c0, cfg.curriculum.ramp) == ("competence_root", 0.1, 0.3)
+    assert load_config(_write(tmp_path, BASE)).curriculum.schedule == "fixed"  # today's easy -> hard order
+    with pytest.raises(ConfigError, match=r"cfg.yaml:5: curriculum: curriculum.mode is now curriculum.schedule "
+                                          r"\(easy_to_hard -> fixed, bucketed -> bucketed, off -> off"):
+        load_config(_write(tmp_path, BASE + "curriculum:\n  mode: easy_to_hard\n"))
+    with pytest.raises(ConfigError, match=r"curriculum.schedule: Input should be 'fixed', 'bucketed'"):
+        load_config(_write(tmp_path, BASE + "curriculum: {schedule: sorted}\n"))
+    with pytest.raises(ConfigError, match=r"curriculum.c0: Input should be greater than 0"):
+        load_config(_write(tmp_path, BASE + "curriculum: {schedule: competence_linear, c0: 0}\n"))
+    with pytest.raises(ConfigError, match=r"curriculum.ramp: Input should be less than or equal to 1"):
+        load_config(_write(tmp_path, BASE + "curriculum: {ramp: 1.5}\n"))
+
+
+def test_dedup_paraphrase_policy(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE + "dedup: {paraphrases: keep_k, paraphrase_k: 3}\n"))
+    assert (cfg.dedup.paraphrases, cfg.dedup.paraphrase_k) == ("keep_k", 3)
+    assert load_config(_write(tmp_path, BASE)).dedup.paraphrases == "drop"
+    with pytest.raises(ConfigError, match=r"dedup.paraphrases: Input should be 'drop', 'keep' or 'keep_k'"):
+        load_config(_write(tmp_path, BASE + "dedup: {paraphrases: merge}\n"))
+    with pytest.raises(ConfigError, match=r"dedup.paraphrase_k: Input should be greater than or equal to 1"):
+        load_config(_write(tmp_path, BASE + "dedup: {paraphrases: keep_k, paraphrase_k: 0}\n"))

@@ -12,7 +12,8 @@ import pytest
 
 from pipelines.config import DataConfig, DedupConfig, ModelConfig, PipelineConfig
 from pipelines.dedup import (
-    _numbers, dedup_file, embed, exact_key, find_duplicates, lexical_pairs, normalize, run, verify_pair,
+    _names, _numbers, copy_kind, dedup_file, embed, exact_key, find_duplicates, lexical_pairs, normalize, run,
+    verify_pair,
 )
 from pipelines.records import BadInputError
 
@@ -82,6 +83,8 @@ def test_keep_first_and_report(result) -> None:
     assert keep == [True, False, False, True, True, True, True, False, False]
     assert [(r["removed_index"], r["kept_index"], r["reason"]) for r in removed] == [
         (1, 0, "exact"), (2, 0, "near"), (7, 5, "near"), (8, 5, "near")]
+    assert [r["kind"] for r in removed] == ["exact", "paraphrase", "boilerplate", "truncation"]
+    assert stats["paraphrases_kept"] == 0  # paraphrases: drop (the default) keeps one record per cluster
     assert removed[0]["similarity"] == 1.0
     assert all(0.8 <= r["similarity"] < 1.0 for r in removed[1:])
     # 11 pairs above the 0.8 cosine threshold + 1 more from the shingle index; 8 judged distinct; 1 already
@@ -147,8 +150,14 @@ def test_dedup_file_and_run(tmp_path: Path) -> None:
     cfg = PipelineConfig(data=DataConfig(demo=True), model=ModelConfig(name_or_path="x"))
     out = run(cfg, {"records": src}, tmp_path / "stage")
     assert out.primary == "data"
-    assert out.metrics == {"records_in": 9.0, "records_out": 5.0, "rejected": 0.0, "exact_duplicates": 1.0,
-                           "near_duplicates": 3.0, "candidate_pairs": 12.0, "rejected_pairs": 8.0, "rescued": 0.0}
+    metrics = {k: v for k, v in out.metrics.items() if k != "partitions"}  # the sharded path's own count
+    assert metrics == {"records_in": 9.0, "records_out": 5.0, "rejected": 0.0, "exact_duplicates": 1.0,
+                       "near_duplicates": 3.0, "boilerplate_duplicates": 1.0, "truncated_duplicates": 1.0,
+                       "template_duplicates": 0.0, "paraphrases_dropped": 1.0, "paraphrases_kept": 0.0,
+                       "candidate_pairs": 12.0, "rejected_pairs": 8.0, "rescued": 0.0}
+    assert out.metrics.get("partitions", 1.0) == 1.0
+    assert "(1 exact, 3 near duplicates removed: 1 boilerplate-wrapped, 1 truncated, 0 templated, 1 paraphrases; " \
+           "0 paraphrases kept (paraphrases: drop)" in out.summary
     kept = [json.loads(x) for x in (tmp_path / "stage" / "data" / "records.jsonl").read_text().splitlines()]
     assert [k["n"] for k in kept] == [0, 3, 4, 5, 6]
     assert kept[0] == {"id": "r0", "text": TEXTS[0], "n": 0}
@@ -157,6 +166,15 @@ def test_dedup_file_and_run(tmp_path: Path) -> None:
         "removed_id": "r1", "removed_text": TEXTS[1], "kept_id": "r0", "kept_text": TEXTS[0], "similarity": 1.0,
         "reason": "exact"}
     assert [r["removed_id"] for r in report] == ["r1", "r2", "r7", "r8"]
+    assert [r["kind"] for r in report] == ["exact", "paraphrase", "boilerplate", "truncation"]
+    # paraphrases: keep -> the reworded record 2 stays, the copies still go; the counts say so
+    keep_cfg = cfg.model_copy(update={"dedup": DedupConfig(paraphrases="keep")})
+    out = run(keep_cfg, {"records": src}, tmp_path / "stage-keep")
+    kept = [json.loads(x)["n"] for x in (tmp_path / "stage-keep" / "data" / "records.jsonl").read_text().splitlines()]
+    assert kept == [0, 2, 3, 4, 5, 6]
+    assert {k: out.metrics[k] for k in ("records_out", "paraphrases_dropped", "paraphrases_kept", "near_duplicates")} == {
+        "records_out": 6.0, "paraphrases_dropped": 0.0, "paraphrases_kept": 1.0, "near_duplicates": 2.0}
+    assert "1 paraphrases kept (paraphrases: keep)" in out.summary
 
 
 def test_exact_only_quarantine_and_atomicity(tmp_path: Path) -> None:
@@ -199,3 +217,126 @@ def test_a_chained_cluster_never_drops_a_fact_its_keeper_lacks() -> None:
     assert keep == [True, False, True, False]  # 1 is inside 0; the exact copy 3 still goes, dropped for 2
     for r in removed:  # and whatever is dropped, its numbers are stated by the record it is dropped for
         assert _numbers(texts[r["removed_index"]]) <= _numbers(texts[r["kept_index"]])
+
+
+# ------------------------------------------------------------------------------------------ paraphrase policies
+def test_copy_kind_tells_copies_from_rewordings() -> None:
+    base = TEXTS[5]  # "Alice Chen joined Acme in 2019 as an engineer."
+    assert copy_kind(TEXTS[7], base) == "boilerplate"  # + " Click here to subscribe to our newsletter."
+    assert copy_kind("Posted by admin. " + base + " Read more...", base + " All rights reserved.") == "boilerplate"
+    assert copy_kind("Home > Products > " + base, base) == "boilerplate"
+    assert copy_kind(TEXTS[8], base) == "truncation"  # "Alice Chen joined Acme in"
+    assert copy_kind(base, base + " The Acme office is in Lisbon.") == "truncation"  # cut at a sentence, rest lost
+    assert copy_kind(base + " The Acme office is in Lisbon.", base) is None  # dropped for base, the office is lost
+    # the same facts in other words: moved words, a reordering, another sentence shape
+    assert copy_kind("In 2019, Alice Chen joined Acme as an engineer.", base) is None
+    assert copy_kind(TEXTS[2], TEXTS[0]) is None  # "... costs 450 dollars and weighs 12 kg."
+    assert copy_kind("The temperature in Lisbon reached 7 degrees Celsius on March 8.",
+                     "On March 8 the temperature in Lisbon reached 7 degrees Celsius.") is None
+    # a shared sentence continued with other content is not boilerplate (the colour would be lost)
+    assert copy_kind("The Ronquarn is a camera from Veltrane Labs. The Ronquarn is painted teal.",
+                     "The Ronquarn is a camera from Veltrane Labs. The Ronquarn sells for 149 dollars.") is None
+    assert copy_kind("The Ronquarn sells for 149 dollars and is painted teal.", "The Ronquarn sells for 149 dollars.") is None
+    # Chinese: boilerplate is set off by punctuation too; moved words are a rewording
+    zh = "ZorblatA88型号电池容量为45千瓦时，续航13小时。"
+    assert copy_kind("【内部】" + zh, zh + "（转自客服邮箱）") == "boilerplate"
+    assert copy_kind("ZorblatA88型号电池容量为45千瓦", "[Archived] " + zh) == "truncation"
+    assert copy_kind("续航13小时的ZorblatA88型号，电池容量为45千瓦时。", zh) is None
+
+
+def test_latin_names_in_chinese_text_are_names() -> None:
+    """Chinese has no capitalised sentence openers: a product name opening a Chinese sentence is still a name, so
+    two records about different products never verify as one."""
+    assert _names("Nukrath（6小时）比Fakmer（24小时）续航短。") == {"nukrath", "fakmer"}
+    assert verify_pair("我很喜欢我那台Kortrer的橄榄绿外壳。", "我很喜欢我那台Thinbrak的青绿色外壳。") == (False, "names differ")
+
+
+@pytest.fixture(scope="module")
+def eval_set() -> tuple[list[dict], list[str], object]:
+    recs = [json.loads(x) for x in (ROOT / "tests" / "data" / "dedup_eval.jsonl").read_text("utf-8").splitlines()]
+    texts = [r["text"] for r in recs]
+    emb = embed(texts, DedupConfig().embedding_model, DedupConfig().batch_size, progress=False)
+    index = {t: i for i, t in enumerate(texts)}  # find_duplicates embeds the exact-unique texts, in input order
+    return recs, texts, lambda t: emb[[index[x] for x in t]]
+
+
+def _policy(eval_set, **kw) -> tuple[list[bool], list[dict], dict, dict]:
+    from pipelines.dedup import kind_counts
+
+    recs, texts, embed_fn = eval_set
+    keep, removed, stats = find_duplicates(texts, DedupConfig(**kw), False, embed_fn)
+    return keep, removed, stats, kind_counts(removed, stats)
+
+
+def test_paraphrase_policies_on_the_labelled_set(eval_set) -> None:
+    """Each kind of removal matches the generator's label; copies go under every policy; only the paraphrase
+    counts move with the policy; no fact is ever lost and nothing is dropped for another fact."""
+    recs = eval_set[0]
+    runs = {p: _policy(eval_set, paraphrases=p) for p in ("drop", "keep")}
+    runs["keep_k=2"] = _policy(eval_set, paraphrases="keep_k", paraphrase_k=2)
+    copies = {"exact_duplicates": 75, "near_duplicates": None, "boilerplate_duplicates": 31,
+              "truncated_duplicates": 43, "template_duplicates": 0}
+    expected = {"drop": (42, 0), "keep": (0, 42), "keep_k=2": (5, 37)}  # (paraphrases dropped, kept)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(r["group"], []).append(i)
+    for name, (keep, removed, stats, counts) in runs.items():
+        assert {k: counts[k] for k in copies if copies[k] is not None} == {k: v for k, v in copies.items() if v is not None}, name
+        assert (counts["paraphrases_dropped"], counts["paraphrases_kept"]) == expected[name], name
+        assert counts["near_duplicates"] == 31 + 43 + counts["paraphrases_dropped"]
+        assert sum(keep) == 409 + counts["paraphrases_kept"] and stats["rescued"] == 0
+        # every removal is labelled with the kind the generator made (a paraphrase can repeat another one exactly)
+        pairs = {(recs[r["removed_index"]]["variant"], r["kind"]) for r in removed}
+        assert pairs <= {("exact", "exact"), ("spacing", "exact"), ("boilerplate", "boilerplate"),
+                         ("truncation", "truncation"), ("paraphrase", "paraphrase"), ("paraphrase", "exact")}, name
+        assert all(any(keep[i] for i in m) for m in groups.values()), f"{name}: a fact was lost"
+        assert all(recs[r["removed_index"]]["group"] == recs[r["kept_index"]]["group"] for r in removed), name
+        assert all(_numbers(recs[r["removed_index"]]["text"]) <= _numbers(recs[r["kept_index"]]["text"])
+                   for r in removed)
+    keep_all = runs["keep"][0]
+    assert not any(keep_all[i] for i, r in enumerate(recs) if r["variant"] in ("exact", "spacing", "boilerplate",
+                                                                                "truncation"))
+    assert sum(keep_all[i] for i, r in enumerate(recs) if r["variant"] == "paraphrase") == 42
+
+
+def test_keep_k_keeps_at_most_k_per_cluster(eval_set) -> None:
+    recs = eval_set[0]
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(r["group"], []).append(i)
+    most = {}
+    for k in (1, 2, 3):
+        keep, _, stats, counts = _policy(eval_set, paraphrases="keep_k", paraphrase_k=k)
+        most[k] = max(sum(keep[i] for i in m) for m in groups.values())
+        assert all(any(keep[i] for i in m) for m in groups.values())
+        if k == 1:
+            assert keep == _policy(eval_set)[0] and counts["paraphrases_kept"] == 0  # keep_k 1 is drop
+    assert most == {1: 1, 2: 2, 3: 3}  # the labelled set has facts stated in three wordings
+    assert _policy(eval_set, paraphrases="keep_k", paraphrase_k=3)[0] == _policy(eval_set, paraphrases="keep")[0]
+
+
+def test_templated_spam_and_copies_go_under_every_policy() -> None:
+    """Fact-free near copies (templated spam) are never a wording of their own; a reworded fact is."""
+    spam = ["Limited offer: subscribe to our newsletter today and get the best deals!",
+            "Subscribe to our newsletter today and get the best deals, limited offer!",
+            "Get the best deals when you subscribe to our newsletter today!",  # verification: not the same text
+            "Limited offer! Subscribe to our newsletter today and get the best deals.",
+            "Don't miss out: subscribe to our newsletter today and get the best deals!"]
+    texts = spam + [TEXTS[0], TEXTS[2], TEXTS[1]]
+    out = {p: find_duplicates(texts, DedupConfig(paraphrases=p), progress=False) for p in ("drop", "keep")}
+    for p, (keep, removed, _) in out.items():
+        assert keep[:5] == [True, False, True, False, False], p
+        assert {r["removed_index"]: r["kind"] for r in removed if r["removed_index"] < 5} == {
+            1: "boilerplate", 3: "exact", 4: "template"}, p
+    assert out["drop"][0][5:] == [True, False, False] and out["keep"][0][5:] == [True, True, False]
+
+
+def test_paraphrase_k_config() -> None:
+    from pydantic import ValidationError
+
+    assert DedupConfig().paraphrases == "drop"  # today's behaviour unless a config chooses otherwise
+    assert DedupConfig(paraphrases="keep_k", paraphrase_k=3).paraphrase_k == 3
+    with pytest.raises(ValidationError, match="paraphrase_k"):
+        DedupConfig(paraphrases="keep_k", paraphrase_k=0)
+    with pytest.raises(ValidationError, match="'drop', 'keep' or 'keep_k'"):
+        DedupConfig(paraphrases="some")
