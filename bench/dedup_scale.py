@@ -36,16 +36,17 @@ def _generate(n: int, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run(path: Path, out: Path, executor: str, workers: int, backend: str | None) -> dict:
+def _run(path: Path, out: Path, executor: str, workers: int, backend: str | None, partition_size: int | None) -> dict:
     from pipelines.config import DedupConfig, ExecutorConfig
     from pipelines.shards import dedup_records
 
-    cfg = DedupConfig(**({"embedding_backend": backend} if backend else {}))
+    cfg = DedupConfig(**({"embedding_backend": backend} if backend else {}),
+                      **({"partition_size": partition_size} if partition_size else {}))
     ex = ExecutorConfig(kind=executor, workers=workers)
     t0 = time.perf_counter()
     res = dedup_records(path, out, cfg, "text", executor=ex)
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    res["backend"] = cfg.embedding_backend
+    res["backend"], res["partition_size"] = cfg.embedding_backend, cfg.partition_size
     recs = [json.loads(x) for x in open(path, encoding="utf-8")]
     pos = {r["id"]: i for i, r in enumerate(recs)}
     keep = [False] * len(recs)
@@ -63,16 +64,16 @@ def _row(n: int, r: dict) -> str:
     q, peaks = r["quality"], r["peak_rss_mib"]
     workers = [v for k, v in peaks["tasks"].items()]
     sec = r["seconds"]
-    return (f"| {n:,} | {r['executor']} | {r['backend']} | {r['shards']} | {r['partitions']} | "
+    return (f"| {n:,} | {r['executor']} | {r['backend']} | {r['partition_size']:,} | {r['shards']} | {r['partitions']} | "
             f"{r['largest_partition']:,} | **{r['total_s']:.0f}** | {sec.get('embed_s', 0):.0f} | "
             f"{sec['dedup_s']:.0f} | {sec['keys_s'] + sec['partition_s'] + sec['write_s']:.0f} | "
             f"{peaks['driver']:.0f} | **{max(workers):.0f}** | {q['facts_kept']:.4f} | {q['groups_reduced_to_one']:.3f} | "
             f"{q['precision']:.3f} / {q['recall']:.3f} |")
 
 
-HEADER = ("| n | executor | backend | shards | partitions | largest partition | total s | embed s | partition dedup s "
+HEADER = ("| n | executor | backend | partition_size | shards | partitions | largest partition | total s | embed s | partition dedup s "
           "| keys + partition + write s | driver peak MiB | max worker peak MiB | facts kept | groups reduced to one "
-          "| precision / recall |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| precision / recall |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 
 
 def project(r: dict, n: int, target: int, workers: int) -> str:
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--executor", choices=["local", "dask"], default="dask")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--backend", default=None, help="dedup.embedding_backend (default: the config default)")
+    ap.add_argument("--partition-size", type=int, default=None, help="dedup.partition_size (default: the config's)")
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/tw-dedup-scale"))
     ap.add_argument("--project", type=int, default=100_000_000)
     ap.add_argument("--cluster-workers", type=int, default=64)
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     a.data_dir.mkdir(parents=True, exist_ok=True)
     if a.cmd == "_one":
         n = a.n[0]
-        res = _run(a.data_dir / f"in-{n}.jsonl", a.data_dir / f"out-{n}.jsonl", a.executor, a.workers, a.backend)
+        res = _run(a.data_dir / f"in-{n}.jsonl", a.data_dir / f"out-{n}.jsonl", a.executor, a.workers, a.backend,
+                   a.partition_size)
         res["executor"], res["workers_used"] = a.executor, a.workers if a.executor == "dask" else 1
         print("RESULT " + json.dumps(res))
         return 0
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         _generate(n, a.data_dir / f"in-{n}.jsonl")
         print(f"generated {n:,} records in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "bench.dedup_scale", "_one", "--n", str(n), "--executor", a.executor,
-               "--workers", str(a.workers), "--data-dir", str(a.data_dir)] + (["--backend", a.backend] if a.backend else [])
+               "--workers", str(a.workers), "--data-dir", str(a.data_dir)] + (["--backend", a.backend] if a.backend else []) + (
+            ["--partition-size", str(a.partition_size)] if a.partition_size else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if p.returncode or not line:

@@ -218,12 +218,14 @@ def _keys_task(job: tuple[str, str, str]) -> dict:
             "lines": count_lines(Path(shard))}
 
 
-def _embed_task(job: tuple[str, str, str, np.ndarray, str, dict, int]) -> float:
+def _embed_task(job: tuple[str, str, str, np.ndarray, str, dict, int, int, str | None]) -> float:
+    """Embeddings of the shard's representatives (``out``) and, with ``shingles_out``, their hashed word 3-grams
+    as (hash, global index) arrays for the corpus-wide shingle candidates (:func:`lexical_components`)."""
     import time
 
-    from pipelines.dedup import embed
+    from pipelines.dedup import embed, shingles
 
-    shard, field, bad_records, local_reps, out, cfg, threads = job
+    shard, field, bad_records, local_reps, out, cfg, threads, start, shingles_out = job
     if threads:
         import torch
 
@@ -234,7 +236,73 @@ def _embed_task(job: tuple[str, str, str, np.ndarray, str, dict, int]) -> float:
     d = DedupConfig(**cfg)
     emb = embed(texts, d.embedding_model, d.batch_size, False, d.embedding_backend) if texts else np.zeros((0, 0), np.float32)
     np.save(out, np.ascontiguousarray(emb, dtype=np.float32))
+    if shingles_out:
+        hs = [np.fromiter(shingles(t), dtype=np.uint64) for t in texts]
+        np.savez(shingles_out, h=np.concatenate(hs) if hs else np.zeros(0, np.uint64),
+                 i=np.repeat(start + np.asarray(local_reps, dtype=np.int64), [len(h) for h in hs]))
     return time.perf_counter() - t0
+
+
+def _shingle_bucket_task(job: tuple[list[str], int, int, int]) -> dict:
+    """One hash range of the corpus' shingles: pairs of records sharing rare shingles (held by at most ``max_df``
+    records) with their shared count, and each record's count of rare shingles in this range."""
+    files, b, buckets, max_df = job
+    hs, rec = [], []
+    for f in files:
+        z = np.load(f)
+        sel = z["h"] % np.uint64(buckets) == b
+        hs.append(z["h"][sel])
+        rec.append(z["i"][sel])
+    h, r = np.concatenate(hs), np.concatenate(rec)
+    order = np.argsort(h, kind="stable")
+    h, r = h[order], r[order]
+    if not len(h):
+        return {"pairs": np.zeros((0, 2), np.int64), "shared": np.zeros(0, np.int64),
+                "rare_rec": np.zeros(0, np.int64), "rare_n": np.zeros(0, np.int64)}
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    sizes = np.diff(np.r_[starts, len(h)])
+    rare = np.repeat(sizes <= max_df, sizes)
+    rare_rec, rare_n = np.unique(r[rare], return_counts=True)
+    a_list, b_list = [], []
+    for size in range(2, max_df + 1):
+        st = starts[sizes == size]
+        if not len(st):
+            continue
+        members = np.sort(r[st[:, None] + np.arange(size)], axis=1)
+        ia, ib = np.triu_indices(size, 1)
+        a_list.append(members[:, ia].ravel())
+        b_list.append(members[:, ib].ravel())
+    if not a_list:
+        return {"pairs": np.zeros((0, 2), np.int64), "shared": np.zeros(0, np.int64), "rare_rec": rare_rec,
+                "rare_n": rare_n}
+    pairs, shared = np.unique(np.stack([np.concatenate(a_list), np.concatenate(b_list)], axis=1), axis=0,
+                              return_counts=True)
+    return {"pairs": pairs, "shared": shared, "rare_rec": rare_rec, "rare_n": rare_n}
+
+
+def lexical_components(mapper: Mapper, files: Sequence[Path], n: int, buckets: int, max_df: int = 32,
+                       containment: float = 0.5) -> np.ndarray:
+    """Connected components (a label per record) of the corpus-wide shingle candidates of
+    ``pipelines.dedup.lexical_pairs``, computed by hash range on the mapper.
+
+    k-means puts a boilerplate-wrapped or truncated copy in another cell than its original when the wrapper moves its
+    embedding; these pairs share rare shingles whatever the embedding does, so their records are kept together."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    res = mapper(_shingle_bucket_task, [([str(f) for f in files], b, buckets, max_df) for b in range(buckets)])
+    n_rare = np.zeros(n, dtype=np.int64)
+    for r in res:
+        np.add.at(n_rare, r["rare_rec"], r["rare_n"])
+    pairs = np.concatenate([r["pairs"] for r in res])
+    shared = np.concatenate([r["shared"] for r in res])
+    if len(pairs):  # a pair's shared count is summed over the hash ranges
+        pairs, inv = np.unique(pairs, axis=0, return_inverse=True)
+        shared = np.bincount(inv.ravel(), weights=shared).astype(np.int64)
+        ok = shared >= np.ceil(containment * np.minimum(n_rare[pairs[:, 0]], n_rare[pairs[:, 1]]))
+        pairs = pairs[ok]
+    g = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(g, directed=False)[1]
 
 
 def _bucket_task(job: tuple[str, str, str, int, np.ndarray, np.ndarray, str | None, str, int]) -> None:
@@ -406,8 +474,11 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
         if cfg.semantic and n_reps > 1:
             t = time.perf_counter()
             emb_files = [work / f"emb-{k:05d}.npy" for k in range(len(parts_in))]
-            jobs = [(str(p), *base, np.flatnonzero(is_rep[s : s + c]), str(e), cfg.model_dump(), threads)
-                    for p, s, c, e in zip(parts_in, starts, counts, emb_files)]
+            steer = cfg.lexical and n_parts > 1
+            sh_files = [work / f"shingles-{k:05d}.npz" for k in range(len(parts_in))]
+            jobs = [(str(p), *base, np.flatnonzero(is_rep[s : s + c]), str(e), cfg.model_dump(), threads, int(s),
+                     str(sf) if steer else None)
+                    for p, s, c, e, sf in zip(parts_in, starts, counts, emb_files, sh_files)]
             mapper(_embed_task, jobs)
             times["embed_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -415,7 +486,18 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
         if n_parts == 1:
             part_of = np.zeros(n, dtype=np.int32)
         elif emb_files:
-            part_of = partition_reps(emb_files, n_parts, max_size=2 * cfg.partition_size)[rep_pos[rep_of]]
+            part_rep = partition_reps(emb_files, n_parts, max_size=cfg.partition_size * 3 // 2)
+            if cfg.lexical:
+                # records joined by shared rare shingles go to the partition of the component's first record
+                comp = lexical_components(mapper, sh_files, n, max(len(parts_in), n_parts))
+                # (a component larger than a tenth of a partition is a chain through template text: left alone)
+                c = comp[np.flatnonzero(is_rep)]
+                order = np.lexsort((np.arange(len(c)), c))
+                heads = np.r_[True, c[order][1:] != c[order][:-1]]
+                head_of = order[np.maximum.accumulate(np.where(heads, np.arange(len(order)), 0))]
+                small = np.bincount(c)[c[order]] <= max(2, cfg.partition_size // 10)
+                part_rep[order[small]] = part_rep[head_of[small]]
+            part_of = part_rep[rep_pos[rep_of]]
         else:  # exact-only: partition by hash, copies always land together
             part_of = (np.frombuffer(allkeys.tobytes(), dtype="<u4")[::4] % n_parts).astype(np.int32)[rep_of]
         psize = np.bincount(part_of, minlength=n_parts)
