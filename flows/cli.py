@@ -142,7 +142,7 @@ def _print_report(out: dict) -> None:
 
 def _records_command(kind: str, input: Path, output: Path, field: str, bad_records: str,
                      max_bad_fraction: float | None, executor: str | None, workers: int | None,
-                     scheduler: str | None) -> None:
+                     scheduler: str | None, dedup_opts: dict | None = None) -> None:
     import json
 
     from pipelines.config import DedupConfig, SanitizeConfig
@@ -164,7 +164,7 @@ def _records_command(kind: str, input: Path, output: Path, field: str, bad_recor
         if kind == "sanitize":
             report = sanitize_records(input, output, SanitizeConfig(**opts), field, ex)
         else:
-            report = dedup_records(input, output, DedupConfig(**opts), field, executor=ex)
+            report = dedup_records(input, output, DedupConfig(**opts, **(dedup_opts or {})), field, executor=ex)
     except BadInputError as e:
         fail(str(e))
     typer.echo(json.dumps(report, ensure_ascii=False, default=str))
@@ -186,9 +186,14 @@ def sanitize(input: Path, output: Path, field: str = "text", bad_records: BadRec
 @app.command()
 def dedup(input: Path, output: Path, field: str = "text", bad_records: BadRecords = "fail",
           max_bad_fraction: MaxBad = None, executor: Executor = None, workers: Workers = None,
-          scheduler: Scheduler = None) -> None:
+          scheduler: Scheduler = None,
+          embedding_backend: Annotated[Optional[str], typer.Option(
+              "--embedding-backend", help="torch | onnx-int8 (default) | model2vec")] = None) -> None:
     """Drop exact and near-duplicate records of INPUT; write OUTPUT (JSONL) and a report beside it."""
-    _records_command("dedup", input, output, field, bad_records, max_bad_fraction, executor, workers, scheduler)
+    if embedding_backend not in (None, "torch", "onnx-int8", "model2vec"):
+        fail(f"--embedding-backend {embedding_backend}: expected torch, onnx-int8 or model2vec")
+    _records_command("dedup", input, output, field, bad_records, max_bad_fraction, executor, workers, scheduler,
+                     {"embedding_backend": embedding_backend} if embedding_backend else {})
 
 
 @app.command()

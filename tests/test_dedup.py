@@ -126,7 +126,8 @@ def test_shingle_index_recovers_copies_crowded_out_of_the_neighbours() -> None:
 
     def embed_once(t: list[str]):
         if not cache:  # both runs embed the same exact-unique texts: once is enough
-            cache[0] = embed(t, DedupConfig().embedding_model, DedupConfig().batch_size, progress=False)
+            # MiniLM itself: the numbers below are the shingle index's, measured on one fixed backend
+            cache[0] = embed(t, DedupConfig().embedding_model, DedupConfig().batch_size, progress=False, backend="torch")
         return cache[0]
 
     reduced = {}
