@@ -29,8 +29,22 @@ def _load() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
 
+def _row_name(schedule: str, policy: str, sets: list[str]) -> str:
+    return "_".join([schedule, policy, *(s.replace("=", "-") for s in sets)])
+
+
+def _with(cfg, dotted: str, value: str):
+    """``cfg`` with one nested field replaced (``dapt.mix_sft=0``); the value is parsed as YAML."""
+    import yaml
+
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return cfg.model_copy(update={head: yaml.safe_load(value)})
+    return cfg.model_copy(update={head: _with(getattr(cfg, head), rest, value)})
+
+
 def _sft_hits(work: Path, row: dict) -> list[bool]:
-    p = work / f"{row['schedule']}_{row['paraphrases']}" / "evaluate" / "qa_predictions.jsonl"
+    p = work / _row_name(row["schedule"], row["paraphrases"], row.get("set", [])) / "evaluate" / "qa_predictions.jsonl"
     return [json.loads(line)["exact_match"] for line in p.open() if '"checkpoint": "sft"' in line]
 
 
@@ -49,10 +63,11 @@ def table(out: Path, work: Path | None) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|")
     for r in rows:
         hits = _sft_hits(work, r)
+        label = " ".join([r["schedule"], *r.get("set", [])])
         b = sum(h and not g for h, g in zip(hits, ref))
         c = sum(g and not h for h, g in zip(hits, ref))
         vs = f"{(b - c) / len(ref):+.3f}, {b}/{c}, ±{math.sqrt(b + c) / len(ref):.3f}" if r is not rows[0] else "–"
-        print(f"| {r['schedule']} | {r['paraphrases']} ({int(r['dedup_records_out'])} rec) | {r['dapt_qa_exact_match']:.3f} | "
+        print(f"| {label} | {r['paraphrases']} ({int(r['dedup_records_out'])} rec) | {r['dapt_qa_exact_match']:.3f} | "
               f"{r['dapt_qa_rouge_l']:.3f} | **{r['sft_qa_exact_match']:.3f}** | {r['sft_qa_rouge_l']:.3f} | "
               f"{r['sft_qa_exact_match'] - r['dapt_qa_exact_match']:+.3f} | {r['dapt_domain_ppl']:.2f} / {r['sft_domain_ppl']:.2f} | {vs} | "
               f"{r['dapt_s']:.0f} | {' '.join(eval(r['loadavg_start']))} |")
@@ -63,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=None, help="default: $TUNEWRIGHT_HOME/grid")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--rows", default=",".join(ORDER), help="schedule:policy,... in the order to run them")
+    ap.add_argument("--rows", default=",".join(ORDER), help="schedule:policy[:section.key=value...],... in the order to run them; "
+                    "e.g. competence_root:keep:dapt.mix_sft=0 (any other config field, applied to that row only)")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of --out's rows, with the "
                     "paired sft difference to the first row (questions one gets right and the other wrong)")
     a = ap.parse_args(argv)
@@ -126,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         return info
 
     for row in [r.strip() for r in a.rows.split(",") if r.strip()]:
-        schedule, policy = row.split(":")
+        schedule, policy, *sets = row.split(":")
         info = policy_data(policy)
         d = info["dir"]
         rcfg = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"paraphrases": policy}),
                                       "curriculum": cfg.curriculum.model_copy(update={"schedule": schedule})})
-        r = work / f"{schedule}_{policy}"
+        for kv in sets:
+            rcfg = _with(rcfg, *kv.split("=", 1))
+        r = work / _row_name(schedule, policy, sets)
         load0 = _load()
         t0 = time.time()
         dout = dapt.run(rcfg, {"records": d / "curriculum" / "data" / "records.jsonl", "model": d / "base",
@@ -144,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                       rcfg.evaluate, rcfg.seed, r / "evaluate", spec, rcfg.template)
         t3 = time.time()
         m = ev.metrics
-        rec = {"schedule": schedule, "paraphrases": policy, "dedup_records_out": info["dedup"].get("records_out"),
+        rec = {"schedule": schedule, "paraphrases": policy, "set": sets, "dedup_records_out": info["dedup"].get("records_out"),
                "paraphrases_kept": info["dedup"].get("paraphrases_kept"),
                **{f"{ck}_{k}": round(m[f"{ck}/{k}"], 4) for ck in ("dapt", "sft")
                   for k in ("qa_exact_match", "qa_rouge_l", "domain_ppl") if f"{ck}/{k}" in m},

@@ -188,12 +188,22 @@ def dedup(input: Path, output: Path, field: str = "text", bad_records: BadRecord
           max_bad_fraction: MaxBad = None, executor: Executor = None, workers: Workers = None,
           scheduler: Scheduler = None,
           embedding_backend: Annotated[Optional[str], typer.Option(
-              "--embedding-backend", help="torch | onnx-int8 (default) | model2vec")] = None) -> None:
+              "--embedding-backend", help="torch | onnx-int8 (default) | model2vec")] = None,
+          paraphrases: Annotated[Optional[str], typer.Option(
+              "--paraphrases", help="drop (default) | keep | keep_k: records restating the same facts in other "
+              "words (copies, boilerplate and truncations always go)")] = None,
+          paraphrase_k: Annotated[Optional[int], typer.Option(
+              "--paraphrase-k", help="With keep_k: wordings kept per fact cluster (default 2)")] = None) -> None:
     """Drop exact and near-duplicate records of INPUT; write OUTPUT (JSONL) and a report beside it."""
     if embedding_backend not in (None, "torch", "onnx-int8", "model2vec"):
         fail(f"--embedding-backend {embedding_backend}: expected torch, onnx-int8 or model2vec")
+    if paraphrases not in (None, "drop", "keep", "keep_k"):
+        fail(f"--paraphrases {paraphrases}: expected drop, keep or keep_k")
+    if paraphrase_k is not None and paraphrase_k < 1:
+        fail(f"--paraphrase-k {paraphrase_k}: expected at least 1")
+    opts = {"embedding_backend": embedding_backend, "paraphrases": paraphrases, "paraphrase_k": paraphrase_k}
     _records_command("dedup", input, output, field, bad_records, max_bad_fraction, executor, workers, scheduler,
-                     {"embedding_backend": embedding_backend} if embedding_backend else {})
+                     {k: v for k, v in opts.items() if v is not None})
 
 
 @app.command()

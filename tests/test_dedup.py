@@ -207,6 +207,25 @@ def test_cli(tmp_path: Path) -> None:
     assert (p.returncode, p.stderr) == (2, f"error: {tmp_path / 'missing.jsonl'}: file not found\n")
 
 
+def test_tunewright_dedup_paraphrase_flags(tmp_path: Path) -> None:
+    """`tunewright dedup --paraphrases keep` keeps the rewording and still drops the copies; a bad value is one line."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    tw = Path(sys.executable).with_name("tunewright")
+    runs = {}
+    for policy in ("drop", "keep"):
+        p = subprocess.run([str(tw), "dedup", str(src), str(tmp_path / f"{policy}.jsonl"), "--embedding-backend",
+                            "torch", "--paraphrases", policy], capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[policy] = [json.loads(line)["text"] for line in (tmp_path / f"{policy}.jsonl").open()]
+    assert TEXTS[2] not in runs["drop"] and TEXTS[2] in runs["keep"]
+    assert set(runs["keep"]) - set(runs["drop"]) == {TEXTS[2]}  # the copies (1, 7, 8) go under both policies
+    p = subprocess.run([str(tw), "dedup", str(src), str(tmp_path / "x.jsonl"), "--paraphrases", "merge"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert (p.returncode, p.stderr.strip()) == (2, "error: --paraphrases merge: expected drop, keep or keep_k")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_a_chained_cluster_never_drops_a_fact_its_keeper_lacks() -> None:
     """Pairs verify one at a time: A~B and B~C can put C in A's cluster though C states a number A does not."""
     texts = ["Drytev在Kessaro生产，而Krirkrax在Ambrevik生产。",
