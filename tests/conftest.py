@@ -47,3 +47,18 @@ def copy_config(src: Path, dst_dir: Path, name: str | None = None, edit=None) ->
     dst = dst_dir / f"{name or src.stem}.yaml"
     dst.write_text(yaml.safe_dump(data, sort_keys=False))
     return dst
+
+
+def tiny_llama(texts: list[str], repeat: int, vocab: int = 300):
+    """A 1-layer, 32-wide random-init Llama and a BPE tokenizer trained on ``texts * repeat`` (seeded)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines.modeling import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(texts * repeat, vocab)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=tok.pad_token_id))
+    return model, tok

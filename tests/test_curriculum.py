@@ -11,6 +11,7 @@ import torch
 
 from pipelines.config import CurriculumConfig, DaptConfig
 from pipelines.curriculum import order_indices, perplexities
+from tests.conftest import tiny_llama
 
 TEXTS = ["the cat sat on the mat", "a dog", "Veltrane Labs sells the Desbrylt speaker for 299 dollars in teal",
          "the cat sat", "zq xv kj wp", "今天天气很好", "the mat"]
@@ -18,16 +19,8 @@ TEXTS = ["the cat sat on the mat", "a dog", "Veltrane Labs sells the Desbrylt sp
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipelines.modeling import train_tokenizer
-
-    torch.manual_seed(0)
-    tok = train_tokenizer(TEXTS * 5, 300)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                         pad_token_id=tok.pad_token_id)).eval()
-    return model, tok
+    model, tok = tiny_llama(TEXTS, 5)
+    return model.eval(), tok
 
 
 def one_at_a_time(model, tok, text: str) -> float:

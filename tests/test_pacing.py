@@ -11,6 +11,7 @@ import torch
 
 from pipelines.config import CurriculumConfig, DaptConfig
 from pipelines.training import PacingSampler, competence, paced, planned_draws
+from tests.conftest import tiny_llama
 
 N, TOTAL = 100, 1000  # 100 rows, 10 epochs
 
@@ -99,16 +100,7 @@ TEXTS = [f"record {i} is " + "word " * (i % 5) + f"end {i}" for i in range(80)]
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipelines.modeling import train_tokenizer
-
-    torch.manual_seed(0)
-    tok = train_tokenizer(TEXTS * 3, 300)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                         pad_token_id=tok.pad_token_id))
-    return model, tok
+    return tiny_llama(TEXTS, 3)
 
 
 @pytest.mark.parametrize("schedule", ["competence_root", "fixed", "random"])
