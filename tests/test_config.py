@@ -108,7 +108,7 @@ def test_export_block(tmp_path):
 def test_curriculum_schedule_and_the_old_mode_key(tmp_path):
     cfg = load_config(_write(tmp_path, BASE + "curriculum: {schedule: competence_root, c0: 0.1, ramp: 0.3}\n"))
     assert (cfg.curriculum.schedule, cfg.curriculum.c0, cfg.curriculum.ramp) == ("competence_root", 0.1, 0.3)
-    assert load_config(_write(tmp_path, BASE)).curriculum.schedule == "fixed"  # today's easy -> hard order
+    assert load_config(_write(tmp_path, BASE)).curriculum.schedule == "competence_root"  # measured best (issue 14)
     with pytest.raises(ConfigError, match=r"cfg.yaml:5: curriculum: curriculum.mode is now curriculum.schedule "
                                           r"\(easy_to_hard -> fixed, bucketed -> bucketed, off -> off"):
         load_config(_write(tmp_path, BASE + "curriculum:\n  mode: easy_to_hard\n"))

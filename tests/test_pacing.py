@@ -155,7 +155,7 @@ def test_fixed_trains_exactly_like_the_sequential_trainer(tiny_lm, tmp_path) -> 
     ds = block_dataset(tok, TEXTS, 16)
     args = TrainingArguments(**trainer_kwargs(DaptConfig(batch_size=4, max_length=16, epochs=2), tmp_path, 0))
     weights = []
-    for cls in (sequential(Trainer), paced(Trainer, CurriculumConfig(), seed=0)):
+    for cls in (sequential(Trainer), paced(Trainer, CurriculumConfig(schedule="fixed"), seed=0)):
         m = copy.deepcopy(model)
         cls(model=m, args=args, train_dataset=ds).train()
         weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
@@ -192,5 +192,5 @@ def test_schedule_is_part_of_dapt_fingerprint_only() -> None:
     for stage in ("sanitize", "dedup", "sft", "reward", "dpo"):
         assert stage_fingerprint_config(a, stage) == stage_fingerprint_config(b, stage)
     # the scoring settings are not dapt's business
-    c = load_config(tiny, {"curriculum": {"batch_size": 4, "max_length": 64}})
+    c = load_config(tiny, {"curriculum": {"schedule": "fixed", "batch_size": 4, "max_length": 64}})
     assert stage_fingerprint_config(a, "dapt") == stage_fingerprint_config(c, "dapt")
