@@ -36,17 +36,19 @@ def _generate(n: int, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run(path: Path, out: Path, executor: str, workers: int, backend: str | None, partition_size: int | None) -> dict:
+def _run(path: Path, out: Path, executor: str, workers: int, backend: str | None, partition_size: int | None,
+         neighbours: int | None = None) -> dict:
     from pipelines.config import DedupConfig, ExecutorConfig
     from pipelines.shards import dedup_records
 
     cfg = DedupConfig(**({"embedding_backend": backend} if backend else {}),
-                      **({"partition_size": partition_size} if partition_size else {}))
+                      **({"partition_size": partition_size} if partition_size else {}),
+                      **({"neighbours": neighbours} if neighbours else {}))
     ex = ExecutorConfig(kind=executor, workers=workers)
     t0 = time.perf_counter()
     res = dedup_records(path, out, cfg, "text", executor=ex)
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    res["backend"], res["partition_size"] = cfg.embedding_backend, cfg.partition_size
+    res["backend"], res["partition_size"], res["neighbours"] = cfg.embedding_backend, cfg.partition_size, cfg.neighbours
     recs = [json.loads(x) for x in open(path, encoding="utf-8")]
     pos = {r["id"]: i for i, r in enumerate(recs)}
     keep = [False] * len(recs)
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--backend", default=None, help="dedup.embedding_backend (default: the config default)")
     ap.add_argument("--partition-size", type=int, default=None, help="dedup.partition_size (default: the config's)")
+    ap.add_argument("--neighbours", type=int, default=None, help="dedup.neighbours (default: the config's)")
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/tw-dedup-scale"))
     ap.add_argument("--project", type=int, default=100_000_000)
     ap.add_argument("--cluster-workers", type=int, default=64)
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "_one":
         n = a.n[0]
         res = _run(a.data_dir / f"in-{n}.jsonl", a.data_dir / f"out-{n}.jsonl", a.executor, a.workers, a.backend,
-                   a.partition_size)
+                   a.partition_size, a.neighbours)
         res["executor"], res["workers_used"] = a.executor, a.workers if a.executor == "dask" else 1
         print("RESULT " + json.dumps(res))
         return 0
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {n:,} records in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "bench.dedup_scale", "_one", "--n", str(n), "--executor", a.executor,
                "--workers", str(a.workers), "--data-dir", str(a.data_dir)] + (["--backend", a.backend] if a.backend else []) + (
-            ["--partition-size", str(a.partition_size)] if a.partition_size else [])
+            ["--partition-size", str(a.partition_size)] if a.partition_size else []) + (
+            ["--neighbours", str(a.neighbours)] if a.neighbours else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if p.returncode or not line:
