@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+from bench._rows import append_row
+
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ("fixed:drop", "competence_root:keep", "random:keep", "fixed:keep", "competence_linear:keep",
          "competence_root:drop", "random:drop", "competence_linear:drop")
@@ -181,11 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                "row_s": round(t3 - t0, 1), "dapt_steps": dmetrics.get("global_step"),
                "dapt_train_loss": dmetrics.get("train_loss"), "sft_train_loss": sout.metrics.get("train_loss"),
                "curriculum_unseen_rows": dmetrics.get("curriculum_unseen_rows"),
-               "n_qa": len(eval_qa), "loadavg_start": load0, "loadavg_end": _load(),
-               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with a.out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+               "n_qa": len(eval_qa), "loadavg_start": load0, "loadavg_end": _load()}
+        append_row(a.out, rec)
     return 0
 
 

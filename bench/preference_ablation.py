@@ -18,10 +18,11 @@ on the held-out prompts, KL to sft), and appends one JSON line to ``--out``. The
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
+
+from bench._rows import append_row
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -101,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"variant": variant, "pairs": len(chosen), "dpo": dcfg.model_dump(include={"learning_rate", "beta",
                "sft_loss_weight", "loss_type", "epochs"}), "peft": dcfg.peft.model_dump(),
                **{k: round(v, 4) for k, v in m.items() if k.split("/")[-1].startswith(("qa_exact", "rm_win", "kl"))},
-               "dpo_s": round(seconds, 1), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with a.out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+               "dpo_s": round(seconds, 1)}
+        append_row(a.out, rec)
     return 0
 
 

@@ -188,7 +188,7 @@ def dedup(input: Path, output: Path, field: str = "text", bad_records: BadRecord
           max_bad_fraction: MaxBad = None, executor: Executor = None, workers: Workers = None,
           scheduler: Scheduler = None,
           embedding_backend: Annotated[Optional[str], typer.Option(
-              "--embedding-backend", help="torch | onnx-int8 (default) | model2vec")] = None,
+              "--embedding-backend", help="model2vec (default) | torch | onnx-int8")] = None,
           paraphrases: Annotated[Optional[str], typer.Option(
               "--paraphrases", help="drop (default) | keep | keep_k: records restating the same facts in other "
               "words (copies, boilerplate and truncations always go)")] = None,

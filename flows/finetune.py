@@ -171,7 +171,8 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
         alg = cfg.preference.algorithm
         aligned = None
         if sft and todo[alg] != "skip":
-            inputs = {"preference": files["preference"], "model": sft}
+            inputs = {"preference": files["preference"], "model": sft,
+                      **({"records": data} if alg == "dpo" and cfg.dpo.ptx_coef > 0 else {})}
             if alg in ("ppo", "grpo"):
                 _reward_gate(c, results.get("reward"), cfg.preference.min_reward_accuracy, alg)
                 inputs = {"prompts": files["prompts"], "model": sft, "reward": rm}

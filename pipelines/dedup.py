@@ -9,14 +9,18 @@ How:
 1. exact: hash of the normalised text (NFKC, casefold, punctuation removed, whitespace collapsed);
 2. near: sentence embeddings (offline MiniLM by default, batched, length-sorted) + FAISS inner-product search
    over unit vectors (flat below 50k records, IVF above): memory O(n*d), never an n*n matrix;
-   plus a cheap lexical index (shared rare word 3-grams): truncated or boilerplate-wrapped copies that
-   same-template records crowd out of the k nearest neighbours are still candidates;
+   plus three candidate sources that do not thin out when thousands of same-template records stating other facts
+   crowd the k nearest neighbours (the common case at scale): shared rare word 3-grams (``lexical``), one sort of
+   the texts and their suffixes after each of the first 8 words, which puts every text next to the texts that
+   contain it (``containment``: truncated and boilerplate-wrapped copies), and blocks of records stating exactly
+   the same numbers (``same_numbers``: paraphrases);
 3. verify each candidate pair before dropping anything: embeddings score "Alice joined Acme in 2019" and
-   "Bob joined Acme in 2021" above 0.95, so numbers must agree, names/model codes must agree and the texts must
-   share words; one text contained in the other (truncation) is a duplicate;
+   "Bob joined Acme in 2021" above 0.95, so numbers must agree (and stay bound to the same words: "March 26 ...
+   28 degrees" is not "26 degrees ... March 28"), names/model codes must agree and the texts must share words; one
+   text contained in the other (truncation) is a duplicate;
 4. union-find over exact and verified pairs; one record per cluster survives (``keep``: first | longest), and
    any other member that states a number no survivor states (or, not being a copy of a wording, a name no
-   survivor has) survives too (pairs verify one at a time, so a cluster can chain two different facts
+   survivor has, or that does not verify against the survivor itself) survives too (pairs verify one at a time, so a cluster can chain two different facts
    together; the count is ``rescued`` in the stage metrics);
 5. a cluster is one set of facts in one or more wordings (``wordings``): exact, boilerplate-wrapped and truncated
    copies of a wording always go (``copy_kind``: one shared run of words, only the ends differ), and so does
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -148,8 +153,30 @@ def _contains(long_: str, short: str) -> bool:
     return False
 
 
-def verify_pair(a: str, b: str) -> tuple[bool, str]:
-    """Are two embedding-similar texts really the same record? Returns (verdict, why)."""
+def _number_context(toks: list[str]) -> dict[str, set[str]]:
+    """Each standalone number's neighbouring words: "March 26 ... 28 degrees" -> {26: {march, the}, 28: {reached,
+    degrees}}."""
+    out: dict[str, set[str]] = {}
+    low = [t.lower() for t in toks]
+    for k, t in enumerate(toks):
+        if _NUMBER.fullmatch(t):
+            out.setdefault(t.replace(",", ""), set()).update(
+                w for w in low[max(0, k - 1) : k] + low[k + 1 : k + 2] if not _NUMBER.fullmatch(w))
+    return out
+
+
+def _rebound(ta: list[str], tb: list[str]) -> bool:
+    """The same numbers bound to other words: a number shares no neighbour with itself in the other text but does
+    with another number there ("On March 26 ... reached 28 degrees" / "saw 26 degrees ... on March 28")."""
+    ca, cb = _number_context(ta), _number_context(tb)
+    if len(ca) < 2:
+        return False
+    return any(not ca[x] & cb[x] and any(ca[x] & cb[y] for y in cb if y != x) for x in ca.keys() & cb.keys())
+
+
+def verify_pair(a: str, b: str, legacy: bool = False) -> tuple[bool, str]:
+    """Are two embedding-similar texts really the same record? Returns (verdict, why). ``legacy``: the rules before
+    2026-12 (no check that numbers stay bound to their words; a phrase moved to the other end read as boilerplate)."""
     na, nb = normalize(a), normalize(b)
     short, long_ = (na, nb) if len(na) <= len(nb) else (nb, na)
     if len(short) >= 16 and _contains(long_, short):
@@ -158,6 +185,8 @@ def verify_pair(a: str, b: str) -> tuple[bool, str]:
     if xa - xb and xb - xa:
         return False, "numbers differ"
     ta, tb = _tokens(a), _tokens(b)
+    if not legacy and _rebound(ta, tb):
+        return False, "numbers differ"
     la, lb = {t.lower() for t in ta}, {t.lower() for t in tb}
     # a name counts as missing only if the other text lacks the word entirely (it may open a sentence there)
     if _names(a) - lb and _names(b) - la:
@@ -167,9 +196,15 @@ def verify_pair(a: str, b: str) -> tuple[bool, str]:
     # even where the capitalised word opens the sentence and _names cannot tell it from an ordinary word
     sm = difflib.SequenceMatcher(None, [t.lower() for t in ta], [t.lower() for t in tb], autojunk=False)
     ops = [o for o in sm.get_opcodes() if o[0] != "equal"]
-    # words added only before or after the shared text are boilerplate or a cut: look at what lies in between
-    core = ops[1:] if ops and ops[0][0] != "replace" and ops[0][1] == ops[0][3] == 0 else ops
-    if core and core[-1][0] != "replace" and core[-1][2] == len(ta) and core[-1][4] == len(tb):
+    # words added only before or after the shared text are boilerplate or a cut: look at what lies in between;
+    # unless they carry a number or name the other text has elsewhere ("On March 1 the ... in Lisbon reached 25" /
+    # "Lisbon saw 25 ... on March 1"): that is a phrase moved to the other end, a rewording
+    def moved(op: tuple) -> bool:
+        _, i1, i2, j1, j2 = op
+        return not legacy and any(_salient(t) and t.lower() in (lb if i2 > i1 else la) for t in ta[i1:i2] + tb[j1:j2])
+
+    core = ops[1:] if ops and ops[0][0] != "replace" and ops[0][1] == ops[0][3] == 0 and not moved(ops[0]) else ops
+    if core and core[-1][0] != "replace" and core[-1][2] == len(ta) and core[-1][4] == len(tb) and not moved(core[-1]):
         core = core[:-1]
 
     def swap(k: int, op: tuple) -> bool:
@@ -370,6 +405,70 @@ def lexical_pairs(texts: list[str], max_df: int = 32, containment: float = 0.5) 
     return {(int(a), int(b)) for a, b in zip(i[ok], j[ok]) if a != b}
 
 
+def containment_pairs(texts: list[str], max_offset: int = _BOILERPLATE_MAX, scan: int = 4,
+                      min_chars: int = 16) -> set[tuple[int, int]]:
+    """Pairs (i<j) where one normalised text occurs inside the other, starting at one of its first ``max_offset`` + 1
+    words: truncated copies (a prefix) and boilerplate-wrapped copies (after a short header, before any footer).
+
+    Sorted-suffix blocking: every record contributes its normalised text from each of its first word starts; after
+    one sort, the texts that contain record s at such a position are the entries right after s that start with s.
+    Unlike embeddings or shared rare shingles, this does not thin out when thousands of same-template records
+    stating other facts crowd the neighbourhood (the common case at scale); ``scan`` caps the pairs per record, since
+    one containing text is enough to drop a copy. Memory O(n * max_offset) strings, time one sort.
+    """
+    entries: list[tuple[str, int, int]] = []
+    for i, t in enumerate(texts):
+        nt = normalize(t)
+        if len(nt) < min_chars:
+            continue
+        entries.append((nt, 0, i))
+        at = 0
+        for k in range(1, max_offset + 1):
+            at = nt.find(" ", at) + 1
+            if at <= 0 or len(nt) - at < min_chars:
+                break
+            entries.append((nt[at:], k, i))
+    entries.sort()
+    pairs: set[tuple[int, int]] = set()
+    for pos, (s, k, i) in enumerate(entries):
+        if k:
+            continue
+        found = 0
+        for t, _k, j in entries[pos + 1 : pos + 1 + 4 * scan]:
+            if not t.startswith(s):
+                break
+            if j != i:
+                pairs.add((min(i, j), max(i, j)))
+                found += 1
+                if found >= scan:
+                    break
+    return pairs
+
+
+def number_key(text: str) -> int:
+    """A 64-bit key of the set of numbers a text states (0: none); equal keys are :func:`fact_pairs`' blocks."""
+    nums = _numbers(text)
+    if not nums:
+        return 0
+    return int.from_bytes(hashlib.blake2b("\x00".join(sorted(nums)).encode(), digest_size=8).digest(), "little") or 1
+
+
+def fact_pairs(texts: list[str], max_block: int = 32) -> set[tuple[int, int]]:
+    """Pairs (i<j) of texts stating exactly the same numbers: a paraphrase restates its facts, so it keeps their
+    numbers (verification later demands the same of every drop). Blocks of more than ``max_block`` texts (a
+    year, a bare count) say nothing and are skipped; the embedding neighbours cover them."""
+    blocks: dict[frozenset, list[int]] = {}
+    for i, t in enumerate(texts):
+        nums = _numbers(t)
+        if nums:
+            blocks.setdefault(frozenset(nums), []).append(i)
+    pairs: set[tuple[int, int]] = set()
+    for m in blocks.values():
+        if 1 < len(m) <= max_block:
+            pairs.update((a, b) for k, a in enumerate(m) for b in m[k + 1:])
+    return pairs
+
+
 def neighbour_pairs(emb: np.ndarray, k: int, threshold: float, query_batch: int = 4096) -> dict[tuple[int, int], float]:
     """Pairs (i<j) among each vector's k nearest neighbours with cosine >= threshold. Memory O(n*d + batch*k)."""
     import faiss
@@ -425,7 +524,9 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
     (shards embedded on worker processes or a cluster); everything after the embeddings stays global.
     """
     n = len(texts)
-    stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "rejected_pairs": 0, "rescued": 0,
+    legacy = cfg.legacy_verify
+    verify = functools.partial(verify_pair, legacy=legacy)
+    stats: dict[str, float] = {"candidate_pairs": 0, "lexical_pairs": 0, "containment_pairs": 0, "number_pairs": 0, "rejected_pairs": 0, "rescued": 0,
                                "paraphrases_kept": 0, "embed_s": 0.0,
                                "search_s": 0.0, "lexical_s": 0.0, "verify_s": 0.0}
     keys = [exact_key(t) for t in texts]
@@ -462,6 +563,20 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
                 sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
                 stats["lexical_pairs"] = int((sims >= cfg.lexical_threshold).sum())
                 pairs.update({pq: float(x) for pq, x in zip(lex, sims) if x >= cfg.lexical_threshold})
+        if cfg.same_numbers:
+            fp = [pq for pq in fact_pairs(rep_texts) if pq not in pairs]
+            if fp:
+                p_, q_ = np.array(fp).T
+                sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
+                stats["number_pairs"] = int((sims >= cfg.lexical_threshold).sum())
+                pairs.update({pq: float(x) for pq, x in zip(fp, sims) if x >= cfg.lexical_threshold})
+        if cfg.containment:
+            inside = [pq for pq in containment_pairs(rep_texts) if pq not in pairs]
+            if inside:  # no cosine bar: containment is the evidence (verification still decides)
+                p_, q_ = np.array(inside).T
+                sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
+                stats["containment_pairs"] = len(inside)
+                pairs.update({pq: float(x) for pq, x in zip(inside, sims)})
         t3 = time.perf_counter()
         stats["candidate_pairs"] = len(pairs)
         # Cluster anchor = its longest text. Two clusters merge only if their anchors verify too: a short
@@ -477,10 +592,15 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
                 ra, rb = uf.find(a), uf.find(b)
                 if ra == rb:
                     continue
-                if not verify_pair(texts[a], texts[b])[0] or (
+                verdict = verify(texts[a], texts[b])
+                # (a whole statement inside a longer text is a wrapped copy, not a fragment that could chain facts)
+                wrapped = (not legacy and verdict == (True, "truncation")
+                           and whole[min(a, b, key=lambda x: len(texts[x]))])
+                if not verdict[0] or (
                     (anchor[ra], anchor[rb]) != (a, b)
-                    and not verify_pair(texts[anchor[ra]], texts[anchor[rb]])[0]
-                    and verify_pair(texts[core[ra]], texts[core[rb]]) != (True, "truncation")
+                    and not wrapped
+                    and not verify(texts[anchor[ra]], texts[anchor[rb]])[0]
+                    and verify(texts[core[ra]], texts[core[rb]]) != (True, "truncation")
                 ):
                     stats["rejected_pairs"] += 1
                     continue
@@ -526,7 +646,8 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
             elif head in alive and nums <= _numbers(texts[head]):
                 by = head  # a copy goes for the wording it copies
             else:
-                by = next((k for k, kn, kw in survivors if nums <= kn and names <= kw), -1)
+                by = next((k for k, kn, kw in survivors if nums <= kn and names <= kw
+                           and (legacy or kind != "paraphrase" or verify(texts[m], texts[k])[0])), -1)
                 if by < 0:
                     survivors.append((m, nums, _words(texts[m])))
                     alive.add(m)

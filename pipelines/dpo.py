@@ -4,7 +4,10 @@ Reads: ``inputs["preference"]`` (canonical ``{"prompt": [...], "chosen", "reject
 (the SFT model, merged to full weights). Prompt and answers are encoded by the one renderer (:mod:`pipelines.chat`)
 and handed to TRL as token ids, so the trained text is exactly the chat template's. With LoRA (default) the
 reference is the same network with the adapter disabled, so no second copy of the model is held.
-``dpo.loss_type`` selects TRL's variants (sigmoid = DPO, ipo, robust, hinge...).
+``dpo.loss_type`` selects TRL's variants (sigmoid = DPO, ipo, robust, hinge...). With ``dpo.ptx_coef`` > 0,
+``inputs["records"]`` (the corpus) is packed into rows as dapt packs it and each training step adds ``ptx_coef`` x
+the language-modelling loss of one batch of those rows (PPO-ptx's pretraining mix, here for DPO), logged as
+``ptx_loss``.
 Writes: ``model/`` (LoRA adapter on the SFT model, or full weights) + tokenizer + manifest, ``examples.jsonl``.
 Run alone (any preference format :mod:`pipelines.formats` reads)::
 
@@ -20,7 +23,7 @@ from pathlib import Path
 from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.chat import Renderer
 from pipelines.config import DPOStageConfig, PipelineConfig, TemplateConfig
-from pipelines.modeling import LoadSpec, load_model, load_spec, seed_everything
+from pipelines.modeling import LoadSpec, load_model, load_spec, pack_documents, seed_everything
 from pipelines.training import (
     EXAMPLES, N_EXAMPLES, last_checkpoint, load_trainable, log_history_metrics, lora_config, save_trained,
     trainer_kwargs,
@@ -34,18 +37,56 @@ def loss_kwargs(dcfg: DPOStageConfig) -> dict:
     return {"loss_type": [dcfg.loss_type]}
 
 
+class PtxRows:
+    """Packed corpus rows served ``batch`` at a time, reshuffled (seeded) each time they run out."""
+
+    def __init__(self, rows: list[dict], batch: int, seed: int) -> None:
+        import torch
+
+        self.rows = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
+        self.batch, self.n = min(batch, len(rows)), len(rows)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.at = torch.randperm(self.n, generator=self.gen), 0
+
+    def next(self, device) -> dict:
+        import torch
+
+        if self.at + self.batch > self.n:
+            self.order, self.at = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.order[self.at : self.at + self.batch]
+        self.at += self.batch
+        return {k: v[idx].to(device) for k, v in self.rows.items()}
+
+
 def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out_dir: Path,
         spec: LoadSpec | None = None, work_dir: Path | None = None,
-        template: TemplateConfig | None = None) -> StageOutput:
+        template: TemplateConfig | None = None, corpus: list[str] | None = None) -> StageOutput:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     class TokenizedDPOTrainer(DPOTrainer):
-        """The rows are already token ids from the renderer: TRL's own tokenization would re-render them."""
+        """The rows are already token ids from the renderer: TRL's own tokenization would re-render them. With a
+        pretraining mix, every training step's loss also carries ``ptx_coef`` x one corpus batch's LM loss."""
+
+        ptx: PtxRows | None = None
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.ptx is None or not model.training:
+                return out
+            loss, rest = out if return_outputs else (out, None)
+            batch = self.ptx.next(loss.device)
+            ptx = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                        use_cache=False).loss
+            self._metrics["train"]["ptx_loss"].append(self.accelerator.gather_for_metrics(ptx.detach()).mean().item())
+            loss = loss + dcfg.ptx_coef * ptx
+            return (loss, rest) if return_outputs else loss
+
+    if dcfg.ptx_coef > 0 and not corpus:
+        raise ValueError("dpo.ptx_coef > 0 needs the corpus (inputs['records'])")
     spec = spec or LoadSpec()
     seed_everything(seed)
     tokenizer, model = load_trainable(model_dir, dcfg.peft, "dpo", spec)
@@ -59,6 +100,8 @@ def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out
                      label_smoothing=dcfg.label_smoothing, **loss_kwargs(dcfg))
     trainer = TokenizedDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=train,
                                   processing_class=tokenizer, peft_config=peft_cfg)
+    if dcfg.ptx_coef > 0:
+        trainer.ptx = PtxRows(pack_documents(tokenizer, corpus, dcfg.max_length), dcfg.batch_size, seed)
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     metrics = log_history_metrics(trainer)
     save_trained(trainer.model, tokenizer, out_dir / "model",
@@ -69,8 +112,9 @@ def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOutput:
+    corpus = [r[cfg.data.text_field] for r in read_jsonl(inputs["records"])] if cfg.dpo.ptx_coef > 0 else None
     return dpo(read_jsonl(inputs["preference"]), inputs["model"], cfg.dpo, cfg.seed, out_dir, load_spec(cfg.model),
-               inputs.get("work_dir"), cfg.template)
+               inputs.get("work_dir"), cfg.template, corpus)
 
 
 def main(argv: list[str] | None = None) -> int:

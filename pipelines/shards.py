@@ -223,7 +223,7 @@ def _embed_task(job: tuple[str, str, str, np.ndarray, str, dict, int, int, str |
     as (hash, global index) arrays for the corpus-wide shingle candidates (:func:`lexical_components`)."""
     import time
 
-    from pipelines.dedup import embed, shingles
+    from pipelines.dedup import embed, number_key, shingles
 
     shard, field, bad_records, local_reps, out, cfg, threads, start, shingles_out = job
     if threads:
@@ -239,26 +239,46 @@ def _embed_task(job: tuple[str, str, str, np.ndarray, str, dict, int, int, str |
     if shingles_out:
         hs = [np.fromiter(shingles(t), dtype=np.uint64) for t in texts]
         np.savez(shingles_out, h=np.concatenate(hs) if hs else np.zeros(0, np.uint64),
-                 i=np.repeat(start + np.asarray(local_reps, dtype=np.int64), [len(h) for h in hs]))
+                 i=np.repeat(start + np.asarray(local_reps, dtype=np.int64), [len(h) for h in hs]),
+                 k=np.array([number_key(t) for t in texts], dtype=np.uint64),
+                 ki=start + np.asarray(local_reps, dtype=np.int64))
     return time.perf_counter() - t0
+
+
+def _block_pairs(keys: np.ndarray, recs: np.ndarray, max_size: int) -> np.ndarray:
+    """Consecutive-member pairs of each block of equal keys of 2..``max_size`` records (a chain: enough to join
+    them in one component)."""
+    if not len(keys):
+        return np.zeros((0, 2), np.int64)
+    order = np.lexsort((recs, keys))
+    k, r = keys[order], recs[order]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    sizes = np.diff(np.r_[starts, len(k)])
+    ok = np.repeat(sizes <= max_size, sizes)[1:] & (k[1:] == k[:-1])
+    return np.stack([r[:-1][ok], r[1:][ok]], axis=1)
 
 
 def _shingle_bucket_task(job: tuple[list[str], int, int, int]) -> dict:
     """One hash range of the corpus' shingles: pairs of records sharing rare shingles (held by at most ``max_df``
     records) with their shared count, and each record's count of rare shingles in this range."""
-    files, b, buckets, max_df = job
-    hs, rec = [], []
+    files, b, buckets, max_df, same_numbers = job
+    hs, rec, ks, krec = [], [], [], []
     for f in files:
         z = np.load(f)
         sel = z["h"] % np.uint64(buckets) == b
         hs.append(z["h"][sel])
         rec.append(z["i"][sel])
+        if same_numbers:
+            sel = (z["k"] != 0) & (z["k"] % np.uint64(buckets) == b)
+            ks.append(z["k"][sel])
+            krec.append(z["ki"][sel])
+    facts = _block_pairs(np.concatenate(ks), np.concatenate(krec), max_df) if same_numbers else np.zeros((0, 2), np.int64)
     h, r = np.concatenate(hs), np.concatenate(rec)
     order = np.argsort(h, kind="stable")
     h, r = h[order], r[order]
     if not len(h):
         return {"pairs": np.zeros((0, 2), np.int64), "shared": np.zeros(0, np.int64),
-                "rare_rec": np.zeros(0, np.int64), "rare_n": np.zeros(0, np.int64)}
+                "rare_rec": np.zeros(0, np.int64), "rare_n": np.zeros(0, np.int64), "facts": facts}
     starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
     sizes = np.diff(np.r_[starts, len(h)])
     rare = np.repeat(sizes <= max_df, sizes)
@@ -274,23 +294,26 @@ def _shingle_bucket_task(job: tuple[list[str], int, int, int]) -> dict:
         b_list.append(members[:, ib].ravel())
     if not a_list:
         return {"pairs": np.zeros((0, 2), np.int64), "shared": np.zeros(0, np.int64), "rare_rec": rare_rec,
-                "rare_n": rare_n}
+                "rare_n": rare_n, "facts": facts}
     pairs, shared = np.unique(np.stack([np.concatenate(a_list), np.concatenate(b_list)], axis=1), axis=0,
                               return_counts=True)
-    return {"pairs": pairs, "shared": shared, "rare_rec": rare_rec, "rare_n": rare_n}
+    return {"pairs": pairs, "shared": shared, "rare_rec": rare_rec, "rare_n": rare_n, "facts": facts}
 
 
 def lexical_components(mapper: Mapper, files: Sequence[Path], n: int, buckets: int, max_df: int = 32,
-                       containment: float = 0.5) -> np.ndarray:
+                       containment: float = 0.5, same_numbers: bool = False) -> np.ndarray:
     """Connected components (a label per record) of the corpus-wide shingle candidates of
     ``pipelines.dedup.lexical_pairs``, computed by hash range on the mapper.
 
     k-means puts a boilerplate-wrapped or truncated copy in another cell than its original when the wrapper moves its
-    embedding; these pairs share rare shingles whatever the embedding does, so their records are kept together."""
+    embedding; these pairs share rare shingles whatever the embedding does, so their records are kept together.
+    With ``same_numbers``, records stating exactly the same set of numbers (blocks of at most ``max_df``: the
+    candidates of ``pipelines.dedup.fact_pairs``) are joined too: a paraphrase may share no rare shingle."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    res = mapper(_shingle_bucket_task, [([str(f) for f in files], b, buckets, max_df) for b in range(buckets)])
+    res = mapper(_shingle_bucket_task, [([str(f) for f in files], b, buckets, max_df, same_numbers)
+                                        for b in range(buckets)])
     n_rare = np.zeros(n, dtype=np.int64)
     for r in res:
         np.add.at(n_rare, r["rare_rec"], r["rare_n"])
@@ -301,6 +324,7 @@ def lexical_components(mapper: Mapper, files: Sequence[Path], n: int, buckets: i
         shared = np.bincount(inv.ravel(), weights=shared).astype(np.int64)
         ok = shared >= np.ceil(containment * np.minimum(n_rare[pairs[:, 0]], n_rare[pairs[:, 1]]))
         pairs = pairs[ok]
+    pairs = np.concatenate([pairs.reshape(-1, 2)] + [r["facts"] for r in res])
     g = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(g, directed=False)[1]
 
@@ -489,7 +513,8 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
             part_rep = partition_reps(emb_files, n_parts, max_size=cfg.partition_size * 3 // 2)
             if cfg.lexical:
                 # records joined by shared rare shingles go to the partition of the component's first record
-                comp = lexical_components(mapper, sh_files, n, max(len(parts_in), n_parts))
+                comp = lexical_components(mapper, sh_files, n, max(len(parts_in), n_parts),
+                                          same_numbers=cfg.same_numbers)
                 # (a component larger than a tenth of a partition is a chain through template text: left alone)
                 c = comp[np.flatnonzero(is_rep)]
                 order = np.lexsort((np.arange(len(c)), c))

@@ -12,8 +12,8 @@ import pytest
 
 from pipelines.config import DataConfig, DedupConfig, ModelConfig, PipelineConfig
 from pipelines.dedup import (
-    _names, _numbers, copy_kind, dedup_file, embed, exact_key, find_duplicates, lexical_pairs, normalize, run,
-    verify_pair,
+    _names, _numbers, containment_pairs, copy_kind, dedup_file, embed, exact_key, fact_pairs, find_duplicates,
+    lexical_pairs, normalize, run, verify_pair,
 )
 from pipelines.records import BadInputError
 
@@ -118,27 +118,54 @@ def test_eval_set_targets() -> None:
     assert reduced == 1.0  # 122/125 without the shingle index
 
 
-def test_shingle_index_recovers_copies_crowded_out_of_the_neighbours() -> None:
-    """With one neighbour per record, copies crowded out by same-template facts are found through shared 3-grams."""
+def test_candidate_sources_recover_copies_crowded_out_of_the_neighbours() -> None:
+    """With one neighbour per record, same-template facts crowd out copies; each other candidate source (shared rare
+    3-grams, the sorted-suffix containment pass, same-number blocks) recovers some on its own, all three every one,
+    and none removes a record for another fact."""
     recs = [json.loads(x) for x in (ROOT / "tests" / "data" / "dedup_eval.jsonl").read_text("utf-8").splitlines()]
     texts = [r["text"] for r in recs]
     cache: dict[int, object] = {}
 
     def embed_once(t: list[str]):
-        if not cache:  # both runs embed the same exact-unique texts: once is enough
-            # MiniLM itself: the numbers below are the shingle index's, measured on one fixed backend
+        if not cache:  # every run embeds the same exact-unique texts: once is enough
+            # MiniLM itself: the numbers below are the candidate sources', measured on one fixed backend
             cache[0] = embed(t, DedupConfig().embedding_model, DedupConfig().batch_size, progress=False, backend="torch")
         return cache[0]
 
-    reduced = {}
-    for lexical in (False, True):
-        keep, removed, stats = find_duplicates(texts, DedupConfig(neighbours=1, lexical=lexical), False, embed_once)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(recs):
+        groups.setdefault(r["group"], []).append(i)
+    reduced, found = {}, {}
+    for sources in [(), ("lexical",), ("containment",), ("same_numbers",), ("lexical", "containment", "same_numbers")]:
+        cfg = DedupConfig(neighbours=1, **{s: s in sources for s in ("lexical", "containment", "same_numbers")})
+        keep, removed, stats = find_duplicates(texts, cfg, False, embed_once)
         assert all(recs[r["removed_index"]]["group"] == recs[r["kept_index"]]["group"] for r in removed)
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(recs):
-            groups.setdefault(r["group"], []).append(i)
-        reduced[lexical] = sum(sum(keep[i] for i in m) == 1 for m in groups.values() if len(m) > 1)
-    assert reduced == {False: 115, True: 121} and stats["lexical_pairs"] == 133
+        assert all(any(keep[i] for i in m) for m in groups.values())
+        reduced[sources] = sum(sum(keep[i] for i in m) == 1 for m in groups.values() if len(m) > 1)
+        found[sources] = (stats["lexical_pairs"], stats["containment_pairs"], stats["number_pairs"])
+    assert reduced == {(): 117, ("lexical",): 123, ("containment",): 123, ("same_numbers",): 122,
+                       ("lexical", "containment", "same_numbers"): 125}  # of 125 groups with copies
+    assert found[("lexical",)] == (133, 0, 0) and found[("containment",)] == (0, 26, 0)
+    assert found[("same_numbers",)] == (0, 0, 78)
+
+
+def test_containment_pairs_find_prefix_and_wrapped_copies_in_a_crowd() -> None:
+    base = "On March 19 the temperature in Bergen reached 12 degrees Celsius."
+    crowd = [f"On March {d} the temperature in Bergen reached {t} degrees Celsius." for d in range(1, 29)
+             for t in range(-5, 30, 3)]
+    texts = crowd + [base, "On March 19 the temperature in Bergen reached 12", "[Archived] " + base + " Read more...",
+                     "Bergen saw 12 degrees Celsius on March 19."]
+    b, cut, wrapped, para = range(len(crowd), len(texts))
+    pairs = containment_pairs(texts)
+    # a dozen records share the cut's first 8 words; sorting still puts it next to the two texts that contain it
+    assert {pq for pq in pairs if cut in pq} == {(b, cut), (cut, wrapped)}
+    assert (b, wrapped) in pairs
+    assert not any(para in pq for pq in pairs)  # a rewording contains nothing: that is the number blocks' job
+    assert (b, para) in fact_pairs(texts)
+    # verification tells the crowd apart: the same numbers bound to other words are another fact
+    assert verify_pair("On March 26 the temperature in Tallinn reached 28 degrees Celsius.",
+                       "Tallinn saw 26 degrees Celsius on March 28.") == (False, "numbers differ")
+    assert verify_pair(texts[para], base) == (True, "near")
 
 
 def _write(path: Path, texts: list[str]) -> Path:

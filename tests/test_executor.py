@@ -184,3 +184,24 @@ def test_partition_reps_splits_an_oversized_cell(tmp_path: Path) -> None:
     assert plain.max() >= 2900
     assert np.bincount(split).max() <= 1200 and len(np.unique(split)) >= 4
     assert (partition_reps(files, 2, max_size=1200) == split).all()  # deterministic
+
+
+def test_partition_steering_joins_records_stating_the_same_numbers(tmp_path: Path) -> None:
+    """A paraphrase shares no rare shingle with its original, so only its numbers can keep the two in one
+    partition; a record stating other numbers stays apart."""
+    import numpy as np
+
+    from pipelines.dedup import number_key, shingles
+    from pipelines.shards import lexical_components
+
+    texts = ["The Harlow bridge opened in 1932 and cost 4200 pounds to build.",
+             "Costing 4200 pounds, Harlow's crossing first carried traffic in 1932.",
+             "Marsh Lane's tower, finished during 1950, needed 9100 shillings."]
+    hs = [np.fromiter(shingles(t), dtype=np.uint64) for t in texts]
+    np.savez(tmp_path / "s.npz", h=np.concatenate(hs), i=np.repeat(np.arange(3), [len(h) for h in hs]),
+             k=np.array([number_key(t) for t in texts], dtype=np.uint64), ki=np.arange(3))
+    mapper = lambda fn, items: [fn(x) for x in items]  # noqa: E731 (the engine is beside the point here)
+    off = lexical_components(mapper, [tmp_path / "s.npz"], 3, 2)
+    on = lexical_components(mapper, [tmp_path / "s.npz"], 3, 2, same_numbers=True)
+    assert len(set(off)) == 3
+    assert on[0] == on[1] != on[2]

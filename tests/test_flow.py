@@ -8,6 +8,7 @@ stages.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_first_run_computes_every_stage(first):
     kinds = [p["kind"] for p in read_jsonl(resolve_data(cfg)["eval_prompts"])]
     split = sum(kinds.count(k) * m[f"dpo/rm_win_rate_vs_sft_{k}"] for k in set(kinds)) / len(kinds)
     assert split == pytest.approx(m["dpo/rm_win_rate_vs_sft"], abs=1e-6)
-    assert m["dpo/kl_to_sft"] == pytest.approx(m["dpo/kl_to_sft"])  # finite
+    assert math.isfinite(m["dpo/kl_to_sft"])
     assert 0.0 <= m["reward/pairwise_accuracy"] <= 1.0
     assert m["dapt/domain_ppl"] < m["base/domain_ppl"], "even one tiny epoch of dapt lowers domain perplexity"
     assert out["evaluation"]["sft"]["qa_exact_match"] == m["sft/qa_exact_match"]
