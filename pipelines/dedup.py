@@ -556,27 +556,24 @@ def find_duplicates(texts: list[str], cfg: DedupConfig, progress: bool = True,
         t1 = time.perf_counter()
         pairs = neighbour_pairs(emb, cfg.neighbours, cfg.threshold)
         t2 = time.perf_counter()
+        def add(found: set[tuple[int, int]], stat: str, bar: float | None) -> None:
+            """New candidate pairs from another source, with their cosine; ``bar`` None: no cosine needed (a
+            containment is the evidence; verification still decides)."""
+            new = [pq for pq in found if pq not in pairs]
+            if not new:
+                return
+            p_, q_ = np.array(new).T
+            sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
+            ok = [(pq, float(x)) for pq, x in zip(new, sims) if bar is None or x >= bar]
+            stats[stat] = len(ok)
+            pairs.update(ok)
+
         if cfg.lexical:
-            lex = [pq for pq in lexical_pairs(rep_texts) if pq not in pairs]
-            if lex:
-                p_, q_ = np.array(lex).T
-                sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
-                stats["lexical_pairs"] = int((sims >= cfg.lexical_threshold).sum())
-                pairs.update({pq: float(x) for pq, x in zip(lex, sims) if x >= cfg.lexical_threshold})
+            add(lexical_pairs(rep_texts), "lexical_pairs", cfg.lexical_threshold)
         if cfg.same_numbers:
-            fp = [pq for pq in fact_pairs(rep_texts) if pq not in pairs]
-            if fp:
-                p_, q_ = np.array(fp).T
-                sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
-                stats["number_pairs"] = int((sims >= cfg.lexical_threshold).sum())
-                pairs.update({pq: float(x) for pq, x in zip(fp, sims) if x >= cfg.lexical_threshold})
+            add(fact_pairs(rep_texts), "number_pairs", cfg.lexical_threshold)
         if cfg.containment:
-            inside = [pq for pq in containment_pairs(rep_texts) if pq not in pairs]
-            if inside:  # no cosine bar: containment is the evidence (verification still decides)
-                p_, q_ = np.array(inside).T
-                sims = np.einsum("ij,ij->i", emb[p_], emb[q_])
-                stats["containment_pairs"] = len(inside)
-                pairs.update({pq: float(x) for pq, x in zip(inside, sims)})
+            add(containment_pairs(rep_texts), "containment_pairs", None)
         t3 = time.perf_counter()
         stats["candidate_pairs"] = len(pairs)
         # Cluster anchor = its longest text. Two clusters merge only if their anchors verify too: a short
