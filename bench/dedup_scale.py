@@ -58,7 +58,7 @@ def _run(path: Path, out: Path, executor: str, workers: int, backend: str | None
     for line in open(res["report"], encoding="utf-8"):
         r = json.loads(line)
         twin[r["removed_index"]] = r["kept_index"]
-    res["quality"] = {k: v for k, v in dedup_scores(recs, keep, twin).items() if k != "removed_by_variant"}
+    res["quality"] = dedup_scores(recs, keep, twin)  # removed_by_variant: in the JSON, not the table
     return res
 
 

@@ -230,6 +230,12 @@ class DedupConfig(Strict):
         "verification run within partitions, so memory per process does not grow with the corpus. At or below this "
         "many distinct records there is one partition (the whole corpus). Results do not depend on the executor.",
     )
+    steer: bool = Field(
+        False,
+        description="With several partitions, move records joined by shared rare word 3-grams or the same numbers "
+        "into one partition before the per-partition dedup. Off by default: at 300k bench records it split more "
+        "duplicate pairs than k-means alone (a moved record leaves its paraphrases behind; bench/RESULTS.md).",
+    )
     verify: bool = Field(True, description="Numbers and names must agree before a semantic pair is dropped.")
     legacy_verify: bool = Field(
         False,

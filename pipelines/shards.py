@@ -498,7 +498,7 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
         if cfg.semantic and n_reps > 1:
             t = time.perf_counter()
             emb_files = [work / f"emb-{k:05d}.npy" for k in range(len(parts_in))]
-            steer = cfg.lexical and n_parts > 1
+            steer = cfg.lexical and cfg.steer and n_parts > 1
             sh_files = [work / f"shingles-{k:05d}.npz" for k in range(len(parts_in))]
             jobs = [(str(p), *base, np.flatnonzero(is_rep[s : s + c]), str(e), cfg.model_dump(), threads, int(s),
                      str(sf) if steer else None)
@@ -511,7 +511,7 @@ def dedup_sharded(input: Path, output: Path, cfg: DedupConfig, field: str, repor
             part_of = np.zeros(n, dtype=np.int32)
         elif emb_files:
             part_rep = partition_reps(emb_files, n_parts, max_size=cfg.partition_size * 3 // 2)
-            if cfg.lexical:
+            if cfg.lexical and cfg.steer:
                 # records joined by shared rare shingles go to the partition of the component's first record
                 comp = lexical_components(mapper, sh_files, n, max(len(parts_in), n_parts),
                                           same_numbers=cfg.same_numbers)

@@ -96,9 +96,10 @@ def test_pipeline_config_executor_block(tw_home, prefect_api, tmp_path: Path) ->
     assert set(dask_files) == set(local_files) and len(dask_files["data/records.jsonl"]) > 1000
 
 
-def test_partitions_keep_quality_and_do_not_depend_on_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("steer", [False, True])
+def test_partitions_keep_quality_and_do_not_depend_on_workers(tmp_path: Path, steer: bool) -> None:
     recs = [json.loads(x) for x in DEDUP_EVAL.read_text().splitlines()]
-    cfg = DedupConfig(partition_size=150)  # 4 k-means partitions of the labelled set
+    cfg = DedupConfig(partition_size=150, steer=steer)  # 4 k-means partitions of the labelled set
     one = dedup_sharded(DEDUP_EVAL, tmp_path / "a.jsonl", cfg, "text", shards=1)
     two = dedup_sharded(DEDUP_EVAL, tmp_path / "b.jsonl", cfg, "text", shards=3, mapper=local_mapper(2))
     assert one["partitions"] == two["partitions"] == 4 and one["largest_partition"] < 300
