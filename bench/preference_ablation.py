@@ -9,7 +9,7 @@ A variant is ``PAIRS[:override...]``. PAIRS picks the preference pairs: ``all``;
 answer is another real answer: another product's value, another attribute's, the other language's); ``half`` /
 ``quarter`` (every fact pair, every 2nd / 4th refusal pair). Overrides change ``demo.yaml``'s dpo block:
 ``learning_rate=5e-4``, ``beta=3``, ``sft_loss_weight=0``, ``loss_type=ipo``, or ``attn`` / ``mlp`` (LoRA on the
-attention / MLP projections only) and ``full`` (full fine-tuning). Each variant trains dpo from ``--sft`` as the
+attention / MLP projections only) and ``full`` (full fine-tuning), ``top=N`` (LoRA on the last N decoder layers only). Each variant trains dpo from ``--sft`` as the
 dpo stage does, merges it and runs the evaluate stage's function (held-out QA, reward-model win rate against sft
 on the held-out prompts, KL to sft), and appends one JSON line to ``--out``. The refusal strings are the demo's
 (``pipelines.demo_data``): this is a bench of the demo, not general code.
@@ -46,10 +46,15 @@ def select(pairs: list[dict], name: str) -> list[dict]:
     return [p for i, p in enumerate(pairs) if pick(i, p)]
 
 
-def dpo_config(base, overrides: list[str]):
+def dpo_config(base, overrides: list[str], num_layers: int = 0):
     d = base
     for kv in overrides:
-        if kv in ("attn", "mlp"):
+        if kv.startswith("top="):  # LoRA on every linear projection of the last N decoder layers only
+            n = int(kv.split("=", 1)[1])
+            names = tuple(f"layers.{i}.{m}" for i in range(num_layers - n, num_layers)
+                          for m in (*(f"self_attn.{x}" for x in ATTN), *(f"mlp.{x}" for x in MLP)))
+            d = d.model_copy(update={"peft": d.peft.model_copy(update={"target_modules": names})})
+        elif kv in ("attn", "mlp"):
             d = d.model_copy(update={"peft": d.peft.model_copy(update={"target_modules": ATTN if kv == "attn" else MLP})})
         elif kv == "full":
             d = d.model_copy(update={"peft": d.peft.model_copy(update={"method": "full"})})
@@ -81,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(ROOT / "pipelines" / "configs" / "demo.yaml")
     spec = load_spec(cfg.model)
+    from transformers import AutoConfig
+
+    num_layers = AutoConfig.from_pretrained(a.sft).num_hidden_layers
     pairs = read_jsonl(a.roles / "preference.jsonl")
     eval_text = [r[cfg.data.text_field] for r in read_jsonl(a.roles / "eval_text.jsonl")]
     eval_qa, eval_prompts = read_jsonl(a.roles / "eval_qa.jsonl"), read_jsonl(a.roles / "eval_prompts.jsonl")
     for variant in a.variants:
         name, *overrides = variant.split(":")
         chosen = select(pairs, name)
-        dcfg = dpo_config(cfg.dpo, overrides)
+        dcfg = dpo_config(cfg.dpo, overrides, num_layers)
         d = a.work / variant.replace(":", "_").replace("=", "-")
         t = time.time()
         dpo(chosen, a.sft, dcfg, cfg.seed, d / "dpo", spec, d / "ckpt", cfg.template)
