@@ -7,7 +7,8 @@
 A variant is ``PAIRS[:override...]``. PAIRS picks the preference pairs: ``all``; ``facts`` (chosen is an answer);
 ``refusal`` (chosen is a refusal of a name that does not exist); ``novalue`` (all but the pairs whose rejected
 answer is another real answer: another product's value, another attribute's, the other language's); ``half`` /
-``quarter`` (every fact pair, every 2nd / 4th refusal pair). Overrides change ``demo.yaml``'s dpo block:
+``quarter`` (every fact pair, every 2nd / 4th refusal pair); ``noheld`` (all but the pairs whose rejected answer
+states a held-out fact of a product the pair names: the generator's off-attribute and junk rejections). Overrides change ``demo.yaml``'s dpo block:
 ``learning_rate=5e-4``, ``beta=3``, ``sft_loss_weight=0``, ``loss_type=ipo``, or ``attn`` / ``mlp`` (LoRA on the
 attention / MLP projections only) and ``full`` (full fine-tuning), ``top=N`` (LoRA on the last N decoder layers only). Each variant trains dpo from ``--sft`` as the
 dpo stage does, merges it and runs the evaluate stage's function (held-out QA, reward-model win rate against sft
@@ -29,7 +30,16 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def select(pairs: list[dict], name: str) -> list[dict]:
+def leaks_held_out(pair: dict, held: dict[str, set[str]]) -> bool:
+    """The rejected answer states a held-out fact of a product named in the pair: an off-attribute value or a corpus
+    fragment about a fact that evaluation asks about (a negative signal on a fact no training pair may touch)."""
+    text = (pair["prompt"] if isinstance(pair["prompt"], str) else str(pair["prompt"])) + " " + pair["rejected"]
+    rejected = pair["rejected"].casefold()
+    return any(name.casefold() in text.casefold() and any(v.casefold() in rejected for v in values)
+               for name, values in held.items())
+
+
+def select(pairs: list[dict], name: str, held: dict[str, set[str]] | None = None) -> list[dict]:
     from pipelines.demo_data import ANSWER_REFUSAL_EN, ANSWER_REFUSAL_ZH
 
     refusals = {ANSWER_REFUSAL_EN, ANSWER_REFUSAL_ZH}
@@ -42,6 +52,7 @@ def select(pairs: list[dict], name: str) -> list[dict]:
         "novalue": lambda i, p: is_refusal[i] or p["rejected"].strip() not in answers,
         "half": lambda i, p: not is_refusal[i] or i % 2 == 0,
         "quarter": lambda i, p: not is_refusal[i] or i % 4 == 0,
+        "noheld": lambda i, p: not leaks_held_out(p, held or {}),
     }[name]
     return [p for i, p in enumerate(pairs) if pick(i, p)]
 
@@ -92,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     pairs = read_jsonl(a.roles / "preference.jsonl")
     eval_text = [r[cfg.data.text_field] for r in read_jsonl(a.roles / "eval_text.jsonl")]
     eval_qa, eval_prompts = read_jsonl(a.roles / "eval_qa.jsonl"), read_jsonl(a.roles / "eval_prompts.jsonl")
+    held: dict[str, set[str]] = {}
+    for q in eval_qa:
+        held.setdefault(q["product"], set()).add(q["answer"])
     for variant in a.variants:
         name, *overrides = variant.split(":")
-        chosen = select(pairs, name)
+        chosen = select(pairs, name, held)
         dcfg = dpo_config(cfg.dpo, overrides, num_layers)
         d = a.work / variant.replace(":", "_").replace("=", "-")
         t = time.time()
