@@ -30,17 +30,8 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def leaks_held_out(pair: dict, held: dict[str, set[str]]) -> bool:
-    """The rejected answer states a held-out fact of a product named in the pair: an off-attribute value or a corpus
-    fragment about a fact that evaluation asks about (a negative signal on a fact no training pair may touch)."""
-    text = (pair["prompt"] if isinstance(pair["prompt"], str) else str(pair["prompt"])) + " " + pair["rejected"]
-    rejected = pair["rejected"].casefold()
-    return any(name.casefold() in text.casefold() and any(v.casefold() in rejected for v in values)
-               for name, values in held.items())
-
-
 def select(pairs: list[dict], name: str, held: dict[str, set[str]] | None = None) -> list[dict]:
-    from pipelines.demo_data import ANSWER_REFUSAL_EN, ANSWER_REFUSAL_ZH
+    from pipelines.demo_data import ANSWER_REFUSAL_EN, ANSWER_REFUSAL_ZH, states_held_out
 
     refusals = {ANSWER_REFUSAL_EN, ANSWER_REFUSAL_ZH}
     answers = {p["chosen"].strip() for p in pairs} - refusals
@@ -52,7 +43,7 @@ def select(pairs: list[dict], name: str, held: dict[str, set[str]] | None = None
         "novalue": lambda i, p: is_refusal[i] or p["rejected"].strip() not in answers,
         "half": lambda i, p: not is_refusal[i] or i % 2 == 0,
         "quarter": lambda i, p: not is_refusal[i] or i % 4 == 0,
-        "noheld": lambda i, p: not leaks_held_out(p, held or {}),
+        "noheld": lambda i, p: not states_held_out(p, held or {}),
     }[name]
     return [p for i, p in enumerate(pairs) if pick(i, p)]
 
@@ -105,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_qa, eval_prompts = read_jsonl(a.roles / "eval_qa.jsonl"), read_jsonl(a.roles / "eval_prompts.jsonl")
     held: dict[str, set[str]] = {}
     for q in eval_qa:
-        held.setdefault(q["product"], set()).add(q["answer"])
+        answer = q["answer"] if "answer" in q else q["messages"][-1]["content"]  # raw generator rows / role files
+        held.setdefault(q["product"], set()).add(answer)
     for variant in a.variants:
         name, *overrides = variant.split(":")
         chosen = select(pairs, name, held)

@@ -13,7 +13,8 @@ byte-identical files:
                       the demo's ``Question: …\nAnswer:`` format is its config's ``template`` (``demo.yaml``).
 - ``eval_qa``         ``{"question", "answer", "lang", "product"}`` the rest: facts no sft pair asks about, which
                       only the corpus states (same question templates).
-- ``preference``      ``{"prompt", "chosen", "rejected"}`` refusal for non-existent products, concise answers.
+- ``preference``      ``{"prompt", "chosen", "rejected"}`` refusal for non-existent products, concise answers; no
+                      pair states a held-out fact, not even as the rejected answer.
 - ``eval_preference`` held-out pairs of the same kinds (held-out facts, other non-existent names).
 - ``prompts``         ``{"prompt"}`` rollout prompts for ppo/grpo.
 - ``eval_prompts``    ``{"prompt", "kind"}`` held-out prompts, kind "fact" or "nonexistent".
@@ -584,6 +585,16 @@ def _preferences(rng: random.Random, n: int, facts: list[tuple[Product, str]], n
     return out
 
 
+def states_held_out(pair: dict[str, str], held: dict[str, set[str]]) -> bool:
+    """The rejected answer states a held-out fact value of a product the pair names (``held``: product name -> its
+    held-out answers, both languages). An off-attribute or prose-fragment rejection can do that; such a pair trains a
+    fact that no training pair may touch, and trains it as wrong."""
+    text = f"{pair['prompt']} {pair['rejected']}".casefold()
+    rejected = pair["rejected"].casefold()
+    return any(name.casefold() in text and any(v.casefold() in rejected for v in values)
+               for name, values in held.items())
+
+
 def _prompts(rng: random.Random, n: int, facts: list[tuple[Product, str]], names: list[str]) -> list[dict[str, str]]:
     out = []
     for i in range(n):
@@ -636,12 +647,18 @@ def build(size: Literal["full", "tiny"] = "full", seed: int = 0) -> dict[str, li
     # Held-out domain text: phrasings of the corpus's own kinds that the corpus left out for that fact.
     unused = [u for u in unused if u.casefold() not in blob]  # ZH templates can nest inside each other
     eval_text = [{"text": unused[i]} for i in sorted(rng.sample(range(len(unused)), min(sz.eval_text, len(unused))))]
+    general = build_general(rng, sz.general)
+    # Training pairs never state a held-out fact, not even as the rejected answer (filtered after drawing, so every
+    # other file is the same draw): 33 of the 600 full-size pairs; bench/RESULTS.md, "Second round".
+    held_values = {p.name: {p.answer(a, lang) for a in held[p.name] for lang in ("en", "zh")} for p in products}
+    preference = [r for r in _preferences(rng, sz.preference, train_f, fake_train, products)
+                  if not states_held_out(r, held_values)]
     return {
         "corpus": corpus,
-        "general": build_general(rng, sz.general),
+        "general": general,
         "sft": sft,
         "eval_qa": eval_qa,
-        "preference": _preferences(rng, sz.preference, train_f, fake_train, products),
+        "preference": preference,
         "eval_preference": _preferences(rng, sz.eval_preference, eval_f, fake_eval, products),
         "prompts": [{"prompt": r["prompt"]} for r in _prompts(rng, sz.prompts, train_f, fake_train)],
         "eval_prompts": _prompts(rng, sz.eval_prompts, eval_f, fake_eval),

@@ -234,7 +234,8 @@ def evaluate(models: dict[str, Path], reward_dir: Path | None, eval_text: list[s
                 if name == "sft":
                     continue
                 r = score_answers(rm, rm_r, prompt_msgs, [a.strip() for a in answers], limit, ecfg.batch_size)
-                wins = (r > r_sft).float() + 0.5 * (r == r_sft).float()
+                # float64: a share of 100 prompts is k/100 exactly (float32 gave 0.65 as 0.6499999762)
+                wins = (r > r_sft).double() + 0.5 * (r == r_sft).double()
                 table[name]["rm_win_rate_vs_sft"] = float(wins.mean())
                 for kind in sorted({p.get("kind") for p in eprompts} - {None}):  # e.g. fact / nonexistent
                     sel = torch.tensor([p.get("kind") == kind for p in eprompts])

@@ -31,15 +31,14 @@ def test_demo_learns_and_reruns_from_cache(tw_home, prefect_api, tmp_path):
     assert ev["sft"]["qa_rouge_l"] >= ev["base"]["qa_rouge_l"] + 0.3, ev
     parent = tracking.client().get_run(out["parent_run_id"]).data.metrics
     assert parent["reward/pairwise_accuracy"] >= 0.8
-    # dpo: it learns to refuse names that do not exist (1.000 on both machines measured), which sft never does.
-    # Win rate against sft: 0.675 on the earlier dev machine, 0.630 on the AMD EPYC (AVX2-only) machine CI now runs on, where the
-    # commit before issue 13's dedup work gives the same 0.630 (bench/RESULTS.md): floating-point order, not code.
-    # Issue 14 asks for 0.65 and exact match >= sft - 0.02; neither holds on both machines, so the bounds here are
-    # what does (exact match measured sft - 0.057 and sft - 0.028).
-    assert ev["dpo"]["rm_win_rate_vs_sft"] >= 0.60, ev
+    # dpo (issue 14's bars): win rate >= 0.65 and exact match >= sft - 0.02. Measured on the AMD EPYC machine CI runs
+    # on: win 0.650 (every non-existent name refused, fact prompts 0.500), exact match 0.857 against sft 0.864, once
+    # training pairs no longer reject held-out facts and RPO weighs 2 (bench/RESULTS.md, "Second round"). The win
+    # rate sits at this evaluation's ceiling (0.7 x fact + 0.3 x non-existent, fact about 0.5: dpo has no pair about
+    # held-out facts), so this bound has no slack; the earlier dev machine gave other floating-point orders.
+    assert ev["dpo"]["rm_win_rate_vs_sft"] >= 0.65, ev
     assert ev["dpo"]["rm_win_rate_vs_sft_nonexistent"] >= 0.9, ev
-    assert ev["dpo"]["qa_exact_match"] >= ev["sft"]["qa_exact_match"] - 0.07, ev
-    assert ev["dpo"]["qa_exact_match"] >= 0.75, ev
+    assert ev["dpo"]["qa_exact_match"] >= ev["sft"]["qa_exact_match"] - 0.02, ev
     assert parent["sft/qa_exact_match"] == ev["sft"]["qa_exact_match"]
 
     again = finetune(cfg)
