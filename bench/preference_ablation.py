@@ -8,7 +8,8 @@ A variant is ``PAIRS[:override...]``. PAIRS picks the preference pairs: ``all``;
 ``refusal`` (chosen is a refusal of a name that does not exist); ``novalue`` (all but the pairs whose rejected
 answer is another real answer: another product's value, another attribute's, the other language's); ``half`` /
 ``quarter`` (every fact pair, every 2nd / 4th refusal pair); ``noheld`` (all but the pairs whose rejected answer
-states a held-out fact of a product the pair names: the generator's off-attribute and junk rejections). Overrides change ``demo.yaml``'s dpo block:
+states a held-out fact of a product the pair names: the generator's off-attribute and junk rejections, which it
+now drops itself). Overrides change ``demo.yaml``'s dpo block:
 ``learning_rate=5e-4``, ``beta=3``, ``sft_loss_weight=0``, ``loss_type=ipo``, or ``attn`` / ``mlp`` (LoRA on the
 attention / MLP projections only) and ``full`` (full fine-tuning), ``top=N`` (LoRA on the last N decoder layers only). Each variant trains dpo from ``--sft`` as the
 dpo stage does, merges it and runs the evaluate stage's function (held-out QA, reward-model win rate against sft
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.artifacts import read_jsonl
     from pipelines.config import load_config
+    from pipelines.demo_data import held_out_answers
     from pipelines.dpo import dpo
     from pipelines.evaluate import evaluate
     from pipelines.modeling import load_spec, merge_adapter
@@ -94,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = read_jsonl(a.roles / "preference.jsonl")
     eval_text = [r[cfg.data.text_field] for r in read_jsonl(a.roles / "eval_text.jsonl")]
     eval_qa, eval_prompts = read_jsonl(a.roles / "eval_qa.jsonl"), read_jsonl(a.roles / "eval_prompts.jsonl")
-    held: dict[str, set[str]] = {}
-    for q in eval_qa:
-        answer = q["answer"] if "answer" in q else q["messages"][-1]["content"]  # raw generator rows / role files
-        held.setdefault(q["product"], set()).add(answer)
+    held = held_out_answers(eval_qa)
     for variant in a.variants:
         name, *overrides = variant.split(":")
         chosen = select(pairs, name, held)

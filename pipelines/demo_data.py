@@ -595,6 +595,15 @@ def states_held_out(pair: dict[str, str], held: dict[str, set[str]]) -> bool:
                for name, values in held.items())
 
 
+def held_out_answers(eval_qa: list[dict]) -> dict[str, set[str]]:
+    """Product name -> the answers held-out QA asks for, from ``eval_qa`` rows as generated (``answer``) or as the
+    sanitized ``messages`` role file (the last message)."""
+    held: dict[str, set[str]] = {}
+    for q in eval_qa:
+        held.setdefault(q["product"], set()).add(q["answer"] if "answer" in q else q["messages"][-1]["content"])
+    return held
+
+
 def _prompts(rng: random.Random, n: int, facts: list[tuple[Product, str]], names: list[str]) -> list[dict[str, str]]:
     out = []
     for i in range(n):

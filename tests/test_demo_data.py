@@ -237,9 +237,7 @@ def test_preference_mix(data):
 def test_training_pairs_never_reject_a_held_out_fact(data):
     # An off-attribute or prose-fragment rejection may not state a held-out answer of a product the pair names:
     # that would train, as wrong, a fact evaluation asks about (it cost dpo held-out exact match, bench/RESULTS.md).
-    held: dict[str, set[str]] = {}
-    for q in data["eval_qa"]:
-        held.setdefault(q["product"], set()).add(q["answer"])
+    held = dd.held_out_answers(data["eval_qa"])
     leaks = [r for r in data["preference"] if dd.states_held_out(r, held)]
     assert not leaks, leaks[:3]
     assert any(dd.states_held_out(r, held) for r in data["eval_preference"])  # the check does find such pairs
