@@ -175,7 +175,10 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
                       **({"records": data} if alg == "dpo" and cfg.dpo.ptx_coef > 0 else {})}
             if alg in ("ppo", "grpo"):
                 _reward_gate(c, results.get("reward"), cfg.preference.min_reward_accuracy, alg)
-                inputs = {"prompts": files["prompts"], "model": sft, "reward": rm}
+                inputs = {"prompts": files["prompts"], "model": sft, "reward": rm,
+                          **({"preference": files["preference"]} if alg == "ppo" and cfg.ppo.sft_loss_weight > 0
+                             else {}),
+                          **({"records": data} if alg == "ppo" and cfg.ppo.ptx_coef > 0 else {})}
             aligned = stage(alg, inputs)
         if todo["evaluate"] != "skip" and aligned:
             ev_inputs = {"base": base, "dapt": dapt, "sft": sft, alg: aligned, "reward": rm,

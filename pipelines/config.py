@@ -430,6 +430,17 @@ class PPOStageConfig(TrainConfig):
     whiten_rewards: bool = False
     max_steps: int = Field(30, description="PPO iterations (rollout + update).")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm of policy + value per step.")
+    sft_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of a demonstration term: every PPO optimiser step also adds this x the NLL of "
+                               "one batch of the preference training pairs' chosen answers (dpo.sft_loss_weight's "
+                               "RPO term, here for PPO; InstructGPT's PPO-ptx mixes pretraining text the same way). "
+                               "It teaches what rollouts never sample, such as a refusal. 0: off, and ppo does not "
+                               "read the preference pairs.")
+    ptx_coef: float = Field(
+        0.0, ge=0, description="InstructGPT's PPO-ptx (Ouyang et al. 2022): every PPO optimiser step also adds this x "
+                               "the language-modelling loss of one packed batch of the (curriculum-ranked) corpus, "
+                               "so the policy keeps the facts continued pretraining taught, including those no "
+                               "rollout prompt asks about. 0: off, and ppo does not read the corpus.")
 
 
 class GRPOStageConfig(TrainConfig):

@@ -15,7 +15,12 @@ One iteration (``ppo.max_steps`` of them):
    the adapter disabled (no second copy), with ``peft.method: full`` a frozen copy;
 3. advantages by GAE over answer tokens, using a value model initialised from the reward model (its ``score`` head
    on every position's hidden state), whitened over the batch;
-4. ``ppo_epochs`` passes over shuffled mini-batches: clipped policy loss + ``vf_coef`` * clipped value loss.
+4. ``ppo_epochs`` passes over shuffled mini-batches: clipped policy loss + ``vf_coef`` * clipped value loss, and
+   with ``sft_loss_weight`` > 0 that weight x the NLL of one batch of demonstrations (``inputs["preference"]``: the
+   chosen answers of the preference training pairs; RPO's term in DPO, PPO-ptx's mix with demonstrations), which
+   teaches answers the policy never samples in a rollout (a refusal of a name it does not know), logged as
+   ``sft_loss``; with ``ptx_coef`` > 0 that weight x the language-modelling loss of one packed batch of the corpus
+   (``inputs["records"]``; InstructGPT's PPO-ptx), which keeps facts no rollout prompt asks about, as ``ptx_loss``.
 The KL coefficient adapts towards ``target_kl`` (nats per answer) with Ziegler's proportional controller.
 
 Checkpoints (every ``save_steps`` iterations) hold the trainable policy weights (the adapter), the value model,
@@ -43,12 +48,13 @@ import torch
 
 from pipelines.artifacts import StageOutput, read_jsonl, write_jsonl
 from pipelines.config import PipelineConfig, PPOStageConfig
-from pipelines.modeling import LoadSpec, load_model, load_spec, load_tokenizer, seed_everything
+from pipelines.modeling import LoadSpec, load_model, load_spec, load_tokenizer, pack_documents, seed_everything
 from pipelines.training import check_peft_supported, lora_config, save_trained
 
 log = logging.getLogger("tunewright.ppo")
 STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clipfrac", "policy_loss", "value_loss",
-         "explained_variance", "response_length", "learning_rate")
+         "explained_variance", "response_length", "learning_rate", "sft_loss", "ptx_loss")  # the last two: only when configured
+Demo = tuple[list[int], list[int]]  # (prompt ids, answer ids) of one demonstration
 
 
 # ------------------------------------------------------------------------------------------------ the PPO maths
@@ -222,18 +228,38 @@ class PPOResult:
     resumed_from: int = 0
 
 
-def prompts_for(iteration: int, n_prompts: int, k: int, seed: int) -> list[int]:
+def prompts_for(iteration: int, n_prompts: int, k: int, seed: int, salt: str = "ppo") -> list[int]:
     """Indices of the prompts of an iteration: successive slices of per-epoch shuffles (a function of the iteration,
-    so a resumed run draws exactly what an uninterrupted one would)."""
+    so a resumed run draws exactly what an uninterrupted one would). ``salt`` names an independent sequence (the
+    demonstrations draw theirs per optimiser step)."""
     orders: dict[int, list[int]] = {}
     out = []
     for pos in range(iteration * k, (iteration + 1) * k):
         epoch, i = divmod(pos, n_prompts)
         if epoch not in orders:
             orders[epoch] = list(range(n_prompts))
-            random.Random(f"ppo-{seed}-{epoch}").shuffle(orders[epoch])
+            random.Random(f"{salt}-{seed}-{epoch}").shuffle(orders[epoch])
         out.append(orders[epoch][i])
     return out
+
+
+def demonstrations(renderer, pairs: list[dict], max_length: int) -> list[Demo]:
+    """The chosen answer of each preference pair as (prompt ids, answer ids), rendered as sft and dpo render it."""
+    return [renderer.encode_pair(p["prompt"], p["chosen"], max_length) for p in pairs]
+
+
+def demonstration_batch(demos: list[Demo], idx: list[int], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 outside the answers) of the demonstrations ``idx``."""
+    rows = [demos[i] for i in idx]
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for r, (p, a) in enumerate(rows):
+        ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[r, len(p): len(p) + len(a)] = torch.tensor(a)
+        attn[r, : len(p) + len(a)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
 def num_iterations(pcfg: PPOStageConfig, n_prompts: int) -> int:
@@ -243,10 +269,13 @@ def num_iterations(pcfg: PPOStageConfig, n_prompts: int) -> int:
 
 
 def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, work_dir: Path,
-          spec: LoadSpec | None = None, suffix: str | None = None) -> PPOResult:
-    """``prompts`` are rendered generation prompts; ``suffix`` is the template's end of turn, appended to an answer
-    for the reward model exactly as it was trained (EOS by default)."""
-    """The PPO loop; resumes from the newest complete checkpoint in ``work_dir``. Returns the trained models."""
+          spec: LoadSpec | None = None, suffix: str | None = None, demos: list[Demo] | None = None,
+          corpus_rows: list[dict] | None = None) -> PPOResult:
+    """The PPO loop; resumes from the newest complete checkpoint in ``work_dir``. Returns the trained models.
+
+    ``prompts`` are rendered generation prompts; ``suffix`` is the template's end of turn, appended to an answer
+    for the reward model exactly as it was trained (EOS by default); ``demos`` feed ``sft_loss_weight``'s term and
+    ``corpus_rows`` (:func:`pipelines.modeling.pack_documents` rows) ``ptx_coef``'s."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
@@ -259,6 +288,12 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
         raise ValueError("ppo runs in-process (our own loop, no DeepSpeed launcher); set ppo.launcher: inprocess")
     if not prompts:
         raise ValueError("ppo: no prompts to roll out")
+    if pcfg.sft_loss_weight > 0 and not demos:
+        raise ValueError("ppo.sft_loss_weight > 0 needs demonstrations (the preference pairs' chosen answers)")
+    if pcfg.ptx_coef > 0 and not corpus_rows:
+        raise ValueError("ppo.ptx_coef > 0 needs the corpus (packed rows)")
+    ptx = ({k: torch.tensor([r[k] for r in corpus_rows]) for k in ("input_ids", "labels", "position_ids")}
+           if pcfg.ptx_coef > 0 else None)
     spec = spec or LoadSpec()
     device = spec.torch_device()
     kw = {"dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code}
@@ -333,7 +368,10 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
             advantages = whiten(advantages, mask)
             explained_var = 1.0 - masked_var(returns - old_values, mask) / masked_var(returns, mask).clamp(min=1e-8)
         # 4. PPO epochs over shuffled mini-batches (micro-batches of batch_size accumulate into one step)
-        acc = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": []}
+        acc = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": [],
+               **({"sft_loss": []} if pcfg.sft_loss_weight > 0 else {}), **({"ptx_loss": []} if ptx else {})}
+        steps_per_iteration = pcfg.ppo_epochs * math.ceil(n / pcfg.mini_batch_size)
+        step = it * steps_per_iteration
         for _ in range(pcfg.ppo_epochs):
             perm = torch.randperm(n).to(device)
             for m0 in range(0, n, pcfg.mini_batch_size):
@@ -353,6 +391,18 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
                     acc["policy_loss"].append(float(pg.detach()))
                     acc["value_loss"].append(float(vf.detach()))
                     acc["clipfrac"].append(float(clipfrac))
+                if pcfg.sft_loss_weight > 0:  # the demonstration term: one batch per optimiser step
+                    idx = prompts_for(step, len(demos), min(pcfg.batch_size, len(demos)), seed, "ppo-demo")
+                    nll = policy(**demonstration_batch(demos, idx, tokenizer.pad_token_id, device),
+                                 use_cache=False).loss
+                    (pcfg.sft_loss_weight * nll).backward()
+                    acc["sft_loss"].append(float(nll.detach()))
+                if ptx is not None:  # the pretraining mix: one packed corpus batch per optimiser step
+                    idx = prompts_for(step, len(corpus_rows), min(pcfg.batch_size, len(corpus_rows)), seed, "ppo-ptx")
+                    lm = policy(**{k: v[idx].to(device) for k, v in ptx.items()}, use_cache=False).loss
+                    (pcfg.ptx_coef * lm).backward()
+                    acc["ptx_loss"].append(float(lm.detach()))
+                step += 1
                 torch.nn.utils.clip_grad_norm_(pol_params + val_params, pcfg.max_grad_norm)
                 opt.step()
         seq_kl = float(kl_tokens.sum(1).mean())
@@ -363,7 +413,8 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
         kl_ctl.update(seq_kl, n)
         history.append(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{seq_kl:.2f}")
-        log.info("ppo iteration %d/%d: %s", it + 1, total, " ".join(f"ppo/{k}={row[k]:.4g}" for k in STATS))
+        log.info("ppo iteration %d/%d: %s", it + 1, total,
+                 " ".join(f"ppo/{k}={row[k]:.4g}" for k in STATS if k in row))
         if pcfg.save_steps and (it + 1) % pcfg.save_steps == 0:
             save_checkpoint(work_dir, it + 1, policy, value_model, opt, kl_ctl, history)
     bar.close()
@@ -442,7 +493,7 @@ def final_metrics(history: list[dict]) -> dict[str, float]:
     """The last iteration's numbers as ``ppo/<name>``, plus the run's means and the first reward."""
     if not history:
         return {}
-    out = {f"ppo/{k}": float(history[-1][k]) for k in STATS}
+    out = {f"ppo/{k}": float(history[-1][k]) for k in STATS if k in history[-1]}
     for k in ("reward_mean", "kl", "entropy", "clipfrac"):
         out[f"ppo/{k}_avg"] = sum(h[k] for h in history) / len(history)
     out["ppo/reward_mean_first"] = float(history[0]["reward_mean"])
@@ -476,9 +527,10 @@ def chart(history: list[dict], path: Path) -> None:
 
 
 def ppo(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, out_dir: Path,
-        spec: LoadSpec | None = None, work_dir: Path | None = None, suffix: str | None = None) -> StageOutput:
+        spec: LoadSpec | None = None, work_dir: Path | None = None, suffix: str | None = None,
+        demos: list[Demo] | None = None, corpus_rows: list[dict] | None = None) -> StageOutput:
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "checkpoints"
-    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, spec, suffix)
+    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, spec, suffix, demos, corpus_rows)
     metrics = final_metrics(res.history)
     save_trained(res.policy, res.tokenizer, out_dir / "model",
                  {"stage": "ppo", "task": "causal_lm", "config": pcfg.model_dump(mode="json"), "metrics": metrics})
@@ -497,8 +549,19 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
 
     prompts, renderer, examples = rendered_prompts(cfg, inputs["model"], read_jsonl(inputs["prompts"]))
     write_jsonl(out_dir / "examples.jsonl", examples)
+    demos = None
+    if cfg.ppo.sft_loss_weight > 0:
+        if "preference" not in inputs:
+            raise ValueError("ppo.sft_loss_weight > 0 needs the preference pairs (inputs['preference'])")
+        demos = demonstrations(renderer, read_jsonl(inputs["preference"]), cfg.ppo.max_length)
+    rows = None
+    if cfg.ppo.ptx_coef > 0:
+        if "records" not in inputs:
+            raise ValueError("ppo.ptx_coef > 0 needs the corpus (inputs['records'])")
+        rows = pack_documents(renderer.tokenizer, [r[cfg.data.text_field] for r in read_jsonl(inputs["records"])],
+                              cfg.ppo.max_length)
     return ppo(prompts, inputs["model"], inputs["reward"], cfg.ppo, cfg.seed, out_dir, load_spec(cfg.model),
-               inputs.get("work_dir"), renderer.end_of_turn)
+               inputs.get("work_dir"), renderer.end_of_turn, demos, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,6 +290,68 @@ def test_ppo_full_finetuning_uses_a_frozen_copy(world, tmp_path):
     assert changed and math.isfinite(res.history[0]["kl"])
 
 
+def test_demonstration_term_teaches_an_answer_rollouts_do_not_favour(world, tmp_path):
+    """``sft_loss_weight``: " never" is an answer SFT never gives, so rollouts never sample it and PPO alone cannot
+    learn it; with the chosen answers of pairs that prefer it as demonstrations the policy does (labels: answer only)."""
+    from pipelines.chat import Renderer
+    from pipelines.config import TemplateConfig
+    from pipelines.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(world["model"])
+    pairs = [{"prompt": [{"role": "user", "content": _prompt(q)}], "chosen": " never", "rejected": " yes"}
+             for q in QUESTIONS]
+    demos = P.demonstrations(Renderer.for_model(tok, TemplateConfig(**RAW)), pairs, 64)
+    b = P.demonstration_batch(demos, [0, 1], tok.pad_token_id, torch.device("cpu"))
+    answer = tok(" never", add_special_tokens=False)["input_ids"]
+    assert b["labels"][0][b["labels"][0] != -100].tolist()[: len(answer)] == answer
+    assert (b["labels"] != -100).sum() < b["attention_mask"].sum()  # prompts are not trained on
+    everything = P.demonstration_batch(demos, list(range(len(demos))), tok.pad_token_id, torch.device("cpu"))
+
+    def nll(model) -> float:
+        with torch.no_grad():
+            return float(model(**everything).loss)
+
+    pcfg = dict(max_steps=4, rollout_batch_size=16, mini_batch_size=8)
+    plain = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**pcfg), 0, tmp_path / "a")
+    taught = P.train(_prompts(world), world["model"], world["reward"], _pcfg(sft_loss_weight=1.0, **pcfg), 0,
+                     tmp_path / "b", demos=demos)
+    sft = nll(load_model(world["model"]))
+    # measured: SFT 9.6 nats per token, PPO alone 11.0, with the term 3.4 (on 2 CPU threads)
+    assert nll(plain.policy) > sft - 0.5, (nll(plain.policy), sft)
+    assert nll(taught.policy) < sft - 3.0, (nll(taught.policy), sft)
+    losses = [h["sft_loss"] for h in taught.history]
+    assert losses[-1] < losses[0] and "sft_loss" not in plain.history[-1]
+    assert P.final_metrics(taught.history)["ppo/sft_loss"] == pytest.approx(losses[-1])
+    with pytest.raises(ValueError, match="needs demonstrations"):
+        P.train(_prompts(world), world["model"], world["reward"], _pcfg(sft_loss_weight=1.0, max_steps=1), 0,
+                tmp_path / "c")
+
+
+def test_pretraining_mix_keeps_corpus_text_that_no_rollout_asks_about(world, tmp_path):
+    """``ptx_coef`` (PPO-ptx): one packed corpus batch per optimiser step lowers the policy's loss on that corpus,
+    which PPO alone leaves where it was; a missing corpus is refused."""
+    from pipelines.modeling import load_model, load_tokenizer, pack_documents
+
+    rows = pack_documents(load_tokenizer(world["model"]), [f"The {q[7:-1]} is never sold." for q in QUESTIONS], 64)
+    everything = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
+
+    def lm_loss(model) -> float:
+        with torch.no_grad():
+            return float(model(**everything).loss)
+
+    pcfg = dict(max_steps=4, rollout_batch_size=16, mini_batch_size=8)
+    plain = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**pcfg), 0, tmp_path / "a")
+    mixed = P.train(_prompts(world), world["model"], world["reward"], _pcfg(ptx_coef=1.0, **pcfg), 0, tmp_path / "b",
+                    corpus_rows=rows)
+    sft = lm_loss(load_model(world["model"]))
+    # measured: SFT 6.1 nats per token, PPO alone 5.8, with the mix 3.0
+    assert lm_loss(plain.policy) > sft - 1.0, (lm_loss(plain.policy), sft)
+    assert lm_loss(mixed.policy) < sft - 2.0, (lm_loss(mixed.policy), sft)
+    assert mixed.history[-1]["ptx_loss"] < mixed.history[0]["ptx_loss"] and "ptx_loss" not in plain.history[-1]
+    with pytest.raises(ValueError, match="needs the corpus"):
+        P.train(_prompts(world), world["model"], world["reward"], _pcfg(ptx_coef=1.0, max_steps=1), 0, tmp_path / "c")
+
+
 def test_cli_help():
     import subprocess
     import sys
