@@ -514,6 +514,12 @@ def chart(history: list[dict], path: Path) -> None:
     ax1.plot(it, mean, color="tab:blue", label="reward mean")
     ax1.fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
     ax1.set(xlabel="PPO iteration", ylabel="reward model score", title="reward (mean ± std)")
+    extra = [k for k in ("sft_loss", "ptx_loss") if k in history[0]]
+    if extra:  # the demonstration / pretraining terms, when configured
+        ax4 = ax1.twinx()
+        for k, c in zip(extra, ("tab:green", "tab:purple")):
+            ax4.plot(it, [h[k] for h in history], color=c, linestyle=":", label=k)
+        ax4.set_ylabel("NLL (nats per token)")
     ax2.plot(it, [h["kl"] for h in history], color="tab:red", label="KL to SFT")
     ax2.set(xlabel="PPO iteration", ylabel="KL (nats per answer)", title="KL to the reference")
     ax3 = ax2.twinx()
