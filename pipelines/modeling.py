@@ -249,8 +249,22 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.is_file() else {"kind": "full", "task": "causal_lm"}
 
 
+_WALL_CLOCK = ("_runtime", "_per_second", "_seconds")
+
+
+def reproducible(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` without the wall-clock numbers (``train_runtime``, ``*_per_second``, ``*_seconds``).
+
+    The manifest is part of the stage's output and so of its content hash: a recompute that yields the same
+    weights must yield the same hash, or every later stage's cache misses. Timings stay in MLflow's metrics.
+    """
+    return {k: v for k, v in metrics.items() if not k.endswith(_WALL_CLOCK)}
+
+
 def save_model(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> None:
     """Save weights (safetensors), tokenizer and manifest into ``out_dir`` atomically (temp dir, then rename)."""
+    if isinstance(manifest.get("metrics"), dict):
+        manifest = {**manifest, "metrics": reproducible(manifest["metrics"])}
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
