@@ -368,6 +368,13 @@ class DaptConfig(TrainConfig):
         description="Instruction replay: mix this many copies of the sft pairs (as 'prompt + completion' text) into "
                     "the corpus, spread evenly over the curriculum order. A model pretrained on some question-answer "
                     "text learns facts in a form questions can reach (Allen-Zhu & Li, Physics of LMs 3.1).")
+    replay_format: Literal["template", "text"] = Field(
+        "template",
+        description="How replayed sft pairs read in the corpus. 'template': rendered by the run's chat template, as sft "
+                    "and evaluation render them (dapt then already answers in the chat format). 'text': the turns' "
+                    "contents only, one per line, as question-answer text in a document reads (instruction "
+                    "pre-training, Cheng et al. 2024): dapt learns facts in a form questions reach, and the chat "
+                    "format stays sft's job.")
 
 
 class SFTStageConfig(TrainConfig):

@@ -1,8 +1,9 @@
 """dapt: domain-adaptive continued pretraining (causal LM) on the curriculum-ordered corpus.
 
 Reads: ``inputs["records"]`` (curriculum output, in training order), ``inputs["model"]`` (base model directory).
-With ``dapt.mix_sft`` > 0, ``inputs["sft"]`` (the sft conversations) is replayed as rendered text (the one renderer,
-:mod:`pipelines.chat`), spread evenly through that order; ``examples.jsonl`` shows the first replayed examples.
+With ``dapt.mix_sft`` > 0, ``inputs["sft"]`` (the sft conversations) is replayed, spread evenly through that order,
+as the chat template renders them (``dapt.replay_format: template``, the one renderer, :mod:`pipelines.chat`) or as
+their turns' plain contents (``text``); ``examples.jsonl`` shows the first replayed examples.
 Writes: ``model/`` (full safetensors weights, or a LoRA adapter when ``dapt.peft.method`` is lora) + tokenizer +
 manifest. Whole texts are packed once, in curriculum order (easy -> hard), into ``max_length`` rows, each text
 attending only to itself (``modeling.pack_documents``); ``curriculum.schedule`` then orders the rows of every epoch
@@ -43,13 +44,18 @@ def interleave(texts: list[str], extra: list[str]) -> list[str]:
     return [texts[i] if src == 0 else extra[i] for _, src, i in sorted(keyed)]
 
 
-def replay_texts(renderer, records: list[dict], copies: float) -> list[str]:
-    """``copies`` x the sft conversations as the text the renderer makes of them (a fractional part takes a prefix
-    of one more copy). Continued pretraining then sees questions in the very format sft and evaluation use."""
+def replay_texts(renderer, records: list[dict], copies: float, form: str = "template") -> list[str]:
+    """``copies`` x the sft conversations as corpus text (a fractional part takes a prefix of one more copy).
+
+    ``form`` "template": the text the renderer makes of them, the very format sft and evaluation use. "text": the
+    turns' contents, one per line, with no role markers (question-answer text as a document holds it)."""
     whole, part = int(copies), copies - int(copies)
-    eos = renderer.tokenizer.eos_token or ""
-    # pack_documents ends every document with EOS itself: a template's own closing EOS would double it
-    texts = [t.removesuffix(eos) if eos else t for t in (renderer.text(r["messages"]) for r in records)]
+    if form == "text":
+        texts = ["\n".join(m["content"] for m in r["messages"] if m.get("content")) for r in records]
+    else:
+        eos = renderer.tokenizer.eos_token or ""
+        # pack_documents ends every document with EOS itself: a template's own closing EOS would double it
+        texts = [t.removesuffix(eos) if eos else t for t in (renderer.text(r["messages"]) for r in records)]
     return texts * whole + texts[: round(part * len(texts))]
 
 
@@ -72,12 +78,13 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
     renderer = None if template is None and not replay else Renderer.for_model(tokenizer, template or TemplateConfig(),
                                                                                str(model_dir))
     if replay and dcfg.mix_sft > 0:
-        texts = interleave(texts, replay_texts(renderer, replay, dcfg.mix_sft))
-    # what continued pretraining trains on, in ranked order (replayed conversations rendered as sft renders them)
+        texts = interleave(texts, replay_texts(renderer, replay, dcfg.mix_sft, dcfg.replay_format))
+    # what continued pretraining trains on, in ranked order, then the first replayed conversations as they read
+    shown = replay_texts(renderer, replay[:2], 1.0, dcfg.replay_format) if replay and dcfg.mix_sft > 0 else []
     write_jsonl(out_dir / EXAMPLES, [{"trained_text": t, "tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1}
                                      for t in texts[:N_EXAMPLES]] +
-                [{**renderer.example(r["messages"], dcfg.max_length), "replayed": True} for r in (replay or [])[:2]
-                 if dcfg.mix_sft > 0])
+                [{"trained_text": t, "tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1,
+                  "replayed": True, "replay_format": dcfg.replay_format} for t in shown])
     peft_cfg = lora_config(dcfg.peft)
     if peft_cfg is not None:
         from peft import get_peft_model

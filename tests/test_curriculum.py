@@ -130,4 +130,6 @@ def test_instruction_replay_is_spread_evenly_and_keeps_the_curriculum_order():
     gaps = np.diff([i for i, t in enumerate(mixed) if t.startswith("Q")])
     assert gaps.min() >= 2 and gaps.max() <= 4, "replayed pairs are spread out, not bunched at one end"
     assert interleave(corpus, []) == corpus
+    # replay_format "text": the turns' contents only, no template (the chat format is left for sft to teach)
+    assert replay_texts(renderer, pairs[:2], 1.0, "text") == ["Q0\na0", "Q1\na1"]
 
