@@ -20,28 +20,22 @@ def test_demo_learns_and_reruns_from_cache(tw_home, prefect_api, tmp_path):
     cfg = load_config(copy_config(ROOT / "pipelines" / "configs" / "demo.yaml", tmp_path, "demo"))
     out = finetune(cfg)
     ev = out["evaluation"]
-    # measured on this machine (bench/RESULTS.md, issue 14): base 1833, dapt 3.8 (held-out text of the corpus's kinds)
+    # measured (bench/RESULTS.md, issue 14): base 1833, dapt 4.1 (held-out text of the corpus's kinds)
     assert ev["dapt"]["domain_ppl"] < ev["base"]["domain_ppl"] / 10, ev
-    # measured held-out exact match, dapt -> sft, on the same code: AMD EPYC 0.850 -> 0.864, Intel Xeon 0.871 ->
-    # 0.857, the earlier dev machine 0.864 -> 0.879 (bench/RESULTS.md). Facts no sft pair asks about, where the
-    # answer prior alone scores about 0.18; the fixed easy -> hard order scored 0.236. Issue 14 asks sft >= 0.60 and
-    # sft >= dapt; the second is within the CPUs' floating-point spread (2 of 140 questions either way), so this
-    # asserts sft no more than 2 questions below dapt, which holds on every CPU measured.
+    # Held-out exact match (facts no sft pair asks about; the answer prior alone scores about 0.18). dapt replays
+    # the sft pairs as plain text, not through the chat template, so dapt knows the facts but not the format
+    # (0.079 on the Intel Xeon dev machine) and sft is what makes the model answer (0.836; bench/RESULTS.md, issue 14).
     assert ev["sft"]["qa_exact_match"] >= 0.60, ev
-    assert ev["sft"]["qa_exact_match"] >= ev["dapt"]["qa_exact_match"] - 0.02, ev
+    assert ev["sft"]["qa_exact_match"] >= ev["dapt"]["qa_exact_match"], ev
     assert ev["sft"]["qa_rouge_l"] >= ev["base"]["qa_rouge_l"] + 0.3, ev
     parent = tracking.client().get_run(out["parent_run_id"]).data.metrics
     assert parent["reward/pairwise_accuracy"] >= 0.8
-    # dpo: issue 14's bars are win rate >= 0.65 and exact match >= sft - 0.02. Measured once training pairs no
-    # longer reject held-out facts and RPO weighs 2 (bench/RESULTS.md): AMD EPYC win 0.650, exact match 0.857 against
-    # sft 0.864 (-0.007); Intel Xeon win 0.650, 0.821 against 0.857 (-0.036, 5 questions). Both: every non-existent
-    # name refused, fact prompts 0.500. The win rate sits at this evaluation's ceiling (0.7 x fact + 0.3 x
-    # non-existent, fact about 0.5: dpo has no pair about held-out facts), so that bound has no slack; the exact-match
-    # bound is what holds on both CPUs (sft - 0.04), not the issue's -0.02, which only the AMD machine meets.
+    # dpo: issue 14's bars, win rate >= 0.65 and exact match >= sft - 0.02. dpo has no pair about a held-out fact,
+    # so on fact prompts it can at best tie with sft (0.5); its job is refusing the names that do not exist, half of
+    # the held-out prompts (bench/RESULTS.md).
     assert ev["dpo"]["rm_win_rate_vs_sft"] >= 0.65, ev
     assert ev["dpo"]["rm_win_rate_vs_sft_nonexistent"] >= 0.9, ev
-    assert ev["dpo"]["qa_exact_match"] >= ev["sft"]["qa_exact_match"] - 0.04, ev
-    assert ev["dpo"]["qa_exact_match"] >= 0.75, ev
+    assert ev["dpo"]["qa_exact_match"] >= ev["sft"]["qa_exact_match"] - 0.02, ev
     assert parent["sft/qa_exact_match"] == ev["sft"]["qa_exact_match"]
 
     again = finetune(cfg)
