@@ -81,10 +81,12 @@ def dapt(texts: list[str], model_dir: Path, dcfg: DaptConfig, seed: int, out_dir
         texts = interleave(texts, replay_texts(renderer, replay, dcfg.mix_sft, dcfg.replay_format))
     # what continued pretraining trains on, in ranked order, then the first replayed conversations as they read
     shown = replay_texts(renderer, replay[:2], 1.0, dcfg.replay_format) if replay and dcfg.mix_sft > 0 else []
-    write_jsonl(out_dir / EXAMPLES, [{"trained_text": t, "tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1}
-                                     for t in texts[:N_EXAMPLES]] +
-                [{"trained_text": t, "tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1,
-                  "replayed": True, "replay_format": dcfg.replay_format} for t in shown])
+
+    def example(t: str, **extra) -> dict:  # tokens: the text's own plus the EOS packing adds
+        return {"trained_text": t, "tokens": len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1, **extra}
+
+    write_jsonl(out_dir / EXAMPLES, [example(t) for t in texts[:N_EXAMPLES]] +
+                [example(t, replayed=True, replay_format=dcfg.replay_format) for t in shown])
     peft_cfg = lora_config(dcfg.peft)
     if peft_cfg is not None:
         from peft import get_peft_model

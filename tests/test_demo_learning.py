@@ -36,6 +36,7 @@ def test_demo_learns_and_reruns_from_cache(tw_home, prefect_api, tmp_path):
     assert ev["dpo"]["rm_win_rate_vs_sft"] >= 0.65, ev
     assert ev["dpo"]["rm_win_rate_vs_sft_nonexistent"] >= 0.9, ev
     assert ev["dpo"]["qa_exact_match"] >= ev["sft"]["qa_exact_match"] - 0.02, ev
+    assert ev["dpo"]["qa_exact_match"] >= 0.75, ev
     assert parent["sft/qa_exact_match"] == ev["sft"]["qa_exact_match"]
 
     again = finetune(cfg)

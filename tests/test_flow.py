@@ -147,8 +147,10 @@ def test_only_recomputes_one_stage(first):
         "sanitize": "hit", "dedup": "hit", "curriculum": "hit", "dapt": "hit", "sft": "miss"}
     # Training is deterministic and the manifest keeps no wall-clock numbers, so the recomputed adapter has the
     # first run's content hash and every later stage's cache still hits on it.
-    sha = lambda o: children(o["parent_run_id"])["sft"].data.tags["tunewright.output_sha256"]
-    assert sha(out) == sha(out1)
+    def sft_sha(o):
+        return children(o["parent_run_id"])["sft"].data.tags["tunewright.output_sha256"]
+
+    assert sft_sha(out) == sft_sha(out1)
 
 
 def test_editing_sft_config_invalidates_sft_and_after(first, cfg_dir):
