@@ -178,7 +178,8 @@ def run_pipeline(cfg: PipelineConfig, from_stage: str | None = None, only: str |
                 inputs = {"prompts": files["prompts"], "model": sft, "reward": rm,
                           **({"preference": files["preference"]} if alg == "ppo" and cfg.ppo.sft_loss_weight > 0
                              else {}),
-                          **({"records": data} if alg == "ppo" and cfg.ppo.ptx_coef > 0 else {})}
+                          **({"records": data} if alg == "ppo" and cfg.ppo.ptx_coef > 0 else {}),
+                          **({"sft": files["sft"]} if alg == "ppo" and cfg.ppo.sft_mix_coef > 0 else {})}
             aligned = stage(alg, inputs)
         if todo["evaluate"] != "skip" and aligned:
             ev_inputs = {"base": base, "dapt": dapt, "sft": sft, alg: aligned, "reward": rm,

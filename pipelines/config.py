@@ -448,6 +448,13 @@ class PPOStageConfig(TrainConfig):
                                "the language-modelling loss of one packed batch of the (curriculum-ranked) corpus, "
                                "so the policy keeps the facts continued pretraining taught, including those no "
                                "rollout prompt asks about. 0: off, and ppo does not read the corpus.")
+    sft_mix_coef: float = Field(
+        0.0, ge=0, description="Every PPO optimiser step also adds this x the NLL of one batch of the sft "
+                               "conversations (loss on the assistant turns, as sft trained them): PPO-ptx with the "
+                               "instruction data instead of the corpus, as OpenRLHF's and DeepSpeed-Chat's "
+                               "unsupervised mix is often used, so the policy keeps the answering skill sft taught "
+                               "on questions no rollout or preference pair asks. 0: off, and ppo does not read the "
+                               "sft data.")
 
 
 class GRPOStageConfig(TrainConfig):

@@ -20,7 +20,9 @@ One iteration (``ppo.max_steps`` of them):
    chosen answers of the preference training pairs; RPO's term in DPO, PPO-ptx's mix with demonstrations), which
    teaches answers the policy never samples in a rollout (a refusal of a name it does not know), logged as
    ``sft_loss``; with ``ptx_coef`` > 0 that weight x the language-modelling loss of one packed batch of the corpus
-   (``inputs["records"]``; InstructGPT's PPO-ptx), which keeps facts no rollout prompt asks about, as ``ptx_loss``.
+   (``inputs["records"]``; InstructGPT's PPO-ptx), which keeps facts no rollout prompt asks about, as ``ptx_loss``;
+   with ``sft_mix_coef`` > 0 that weight x the NLL of one batch of the sft conversations (``inputs["sft"]``, loss on
+   the assistant turns), which keeps sft's answering skill, as ``sft_mix_loss``.
 The KL coefficient adapts towards ``target_kl`` (nats per answer) with Ziegler's proportional controller.
 
 Checkpoints (every ``save_steps`` iterations) hold the trainable policy weights (the adapter), the value model,
@@ -53,8 +55,10 @@ from pipelines.training import check_peft_supported, lora_config, save_trained
 
 log = logging.getLogger("tunewright.ppo")
 STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "clipfrac", "policy_loss", "value_loss",
-         "explained_variance", "response_length", "learning_rate", "sft_loss", "ptx_loss")  # the last two: only when configured
-Demo = tuple[list[int], list[int]]  # (prompt ids, answer ids) of one demonstration
+         "explained_variance", "response_length", "learning_rate",
+         "sft_loss", "ptx_loss", "sft_mix_loss")  # the last three: only when configured
+MIXES = ("sft_loss", "ptx_loss", "sft_mix_loss")
+Demo = tuple[list[int], list[int]]  # (token ids, loss mask: 1 on the answer) of one demonstration
 
 
 # ------------------------------------------------------------------------------------------------ the PPO maths
@@ -244,21 +248,31 @@ def prompts_for(iteration: int, n_prompts: int, k: int, seed: int, salt: str = "
 
 
 def demonstrations(renderer, pairs: list[dict], max_length: int) -> list[Demo]:
-    """The chosen answer of each preference pair as (prompt ids, answer ids), rendered as sft and dpo render it."""
-    return [renderer.encode_pair(p["prompt"], p["chosen"], max_length) for p in pairs]
+    """The chosen answer of each preference pair as (ids, loss mask on the answer), rendered as sft and dpo render it."""
+    out = []
+    for p in pairs:
+        prompt, answer = renderer.encode_pair(p["prompt"], p["chosen"], max_length)
+        out.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return out
+
+
+def conversations(renderer, records: list[dict], max_length: int) -> list[Demo]:
+    """Canonical ``{"messages": [...]}`` records as sft encodes them: (ids, loss mask on the assistant turns)."""
+    return [renderer.encode(r["messages"], max_length) for r in records]
 
 
 def demonstration_batch(demos: list[Demo], idx: list[int], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (-100 outside the answers) of the demonstrations ``idx``."""
+    """Right-padded ids, attention mask and labels (-100 where the loss mask is 0) of the demonstrations ``idx``."""
     rows = [demos[i] for i in idx]
-    width = max(len(p) + len(a) for p, a in rows)
+    width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     attn = torch.zeros_like(ids)
-    for r, (p, a) in enumerate(rows):
-        ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[r, len(p): len(p) + len(a)] = torch.tensor(a)
-        attn[r, : len(p) + len(a)] = 1
+    for r, (tok, mask) in enumerate(rows):
+        t = torch.tensor(tok)
+        ids[r, : len(tok)] = t
+        labels[r, : len(tok)] = torch.where(torch.tensor(mask, dtype=torch.bool), t, -100)
+        attn[r, : len(tok)] = 1
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
@@ -270,12 +284,13 @@ def num_iterations(pcfg: PPOStageConfig, n_prompts: int) -> int:
 
 def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, work_dir: Path,
           spec: LoadSpec | None = None, suffix: str | None = None, demos: list[Demo] | None = None,
-          corpus_rows: list[dict] | None = None) -> PPOResult:
+          corpus_rows: list[dict] | None = None, sft_demos: list[Demo] | None = None) -> PPOResult:
     """The PPO loop; resumes from the newest complete checkpoint in ``work_dir``. Returns the trained models.
 
     ``prompts`` are rendered generation prompts; ``suffix`` is the template's end of turn, appended to an answer
     for the reward model exactly as it was trained (EOS by default); ``demos`` feed ``sft_loss_weight``'s term and
-    ``corpus_rows`` (:func:`pipelines.modeling.pack_documents` rows) ``ptx_coef``'s."""
+    ``corpus_rows`` (:func:`pipelines.modeling.pack_documents` rows) ``ptx_coef``'s, ``sft_demos`` (the sft
+    conversations, :func:`conversations`) ``sft_mix_coef``'s."""
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
@@ -292,6 +307,8 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
         raise ValueError("ppo.sft_loss_weight > 0 needs demonstrations (the preference pairs' chosen answers)")
     if pcfg.ptx_coef > 0 and not corpus_rows:
         raise ValueError("ppo.ptx_coef > 0 needs the corpus (packed rows)")
+    if pcfg.sft_mix_coef > 0 and not sft_demos:
+        raise ValueError("ppo.sft_mix_coef > 0 needs the sft conversations")
     ptx = ({k: torch.tensor([r[k] for r in corpus_rows]) for k in ("input_ids", "labels", "position_ids")}
            if pcfg.ptx_coef > 0 else None)
     spec = spec or LoadSpec()
@@ -369,7 +386,8 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
             explained_var = 1.0 - masked_var(returns - old_values, mask) / masked_var(returns, mask).clamp(min=1e-8)
         # 4. PPO epochs over shuffled mini-batches (micro-batches of batch_size accumulate into one step)
         acc = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": [],
-               **({"sft_loss": []} if pcfg.sft_loss_weight > 0 else {}), **({"ptx_loss": []} if ptx else {})}
+               **({"sft_loss": []} if pcfg.sft_loss_weight > 0 else {}), **({"ptx_loss": []} if ptx else {}),
+               **({"sft_mix_loss": []} if pcfg.sft_mix_coef > 0 else {})}
         steps_per_iteration = pcfg.ppo_epochs * math.ceil(n / pcfg.mini_batch_size)
         step = it * steps_per_iteration
         for _ in range(pcfg.ppo_epochs):
@@ -402,6 +420,12 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
                     lm = policy(**{k: v[idx].to(device) for k, v in ptx.items()}, use_cache=False).loss
                     (pcfg.ptx_coef * lm).backward()
                     acc["ptx_loss"].append(float(lm.detach()))
+                if pcfg.sft_mix_coef > 0:  # the instruction mix: one batch of sft conversations per optimiser step
+                    idx = prompts_for(step, len(sft_demos), min(pcfg.batch_size, len(sft_demos)), seed, "ppo-sft")
+                    nll = policy(**demonstration_batch(sft_demos, idx, tokenizer.pad_token_id, device),
+                                 use_cache=False).loss
+                    (pcfg.sft_mix_coef * nll).backward()
+                    acc["sft_mix_loss"].append(float(nll.detach()))
                 step += 1
                 torch.nn.utils.clip_grad_norm_(pol_params + val_params, pcfg.max_grad_norm)
                 opt.step()
@@ -514,10 +538,10 @@ def chart(history: list[dict], path: Path) -> None:
     ax1.plot(it, mean, color="tab:blue", label="reward mean")
     ax1.fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
     ax1.set(xlabel="PPO iteration", ylabel="reward model score", title="reward (mean ± std)")
-    extra = [k for k in ("sft_loss", "ptx_loss") if k in history[0]]
-    if extra:  # the demonstration / pretraining terms, when configured
+    extra = [k for k in MIXES if k in history[0]]
+    if extra:  # the demonstration / pretraining / instruction terms, when configured
         ax4 = ax1.twinx()
-        for k, c in zip(extra, ("tab:green", "tab:purple")):
+        for k, c in zip(extra, ("tab:green", "tab:purple", "tab:olive")):
             ax4.plot(it, [h[k] for h in history], color=c, linestyle=":", label=k)
         ax4.set_ylabel("NLL (nats per token)")
     ax2.plot(it, [h["kl"] for h in history], color="tab:red", label="KL to SFT")
@@ -534,9 +558,10 @@ def chart(history: list[dict], path: Path) -> None:
 
 def ppo(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageConfig, seed: int, out_dir: Path,
         spec: LoadSpec | None = None, work_dir: Path | None = None, suffix: str | None = None,
-        demos: list[Demo] | None = None, corpus_rows: list[dict] | None = None) -> StageOutput:
+        demos: list[Demo] | None = None, corpus_rows: list[dict] | None = None,
+        sft_demos: list[Demo] | None = None) -> StageOutput:
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "checkpoints"
-    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, spec, suffix, demos, corpus_rows)
+    res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, spec, suffix, demos, corpus_rows, sft_demos)
     metrics = final_metrics(res.history)
     save_trained(res.policy, res.tokenizer, out_dir / "model",
                  {"stage": "ppo", "task": "causal_lm", "config": pcfg.model_dump(mode="json"), "metrics": metrics})
@@ -566,8 +591,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> StageOut
             raise ValueError("ppo.ptx_coef > 0 needs the corpus (inputs['records'])")
         rows = pack_documents(renderer.tokenizer, [r[cfg.data.text_field] for r in read_jsonl(inputs["records"])],
                               cfg.ppo.max_length)
+    sft_demos = None
+    if cfg.ppo.sft_mix_coef > 0:
+        if "sft" not in inputs:
+            raise ValueError("ppo.sft_mix_coef > 0 needs the sft conversations (inputs['sft'])")
+        sft_demos = conversations(renderer, read_jsonl(inputs["sft"]), cfg.ppo.max_length)
     return ppo(prompts, inputs["model"], inputs["reward"], cfg.ppo, cfg.seed, out_dir, load_spec(cfg.model),
-               inputs.get("work_dir"), renderer.end_of_turn, demos, rows)
+               inputs.get("work_dir"), renderer.end_of_turn, demos, rows, sft_demos)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -320,8 +320,9 @@ def test_serve_the_run_and_ask_held_out_questions(first, tmp_path, tw_home):
 
 
 def test_ppo_with_demonstrations_reuses_the_stages_before_it(first, cfg_dir):
-    """``preference.algorithm: ppo`` with ``ppo.sft_loss_weight``: the flow hands ppo the preference pairs as
-    demonstrations; every stage up to reward is the dpo pipeline's cache hit."""
+    """``preference.algorithm: ppo`` with ``ppo.sft_loss_weight`` and ``ppo.sft_mix_coef``: the flow hands ppo the
+    preference pairs as demonstrations and the sft conversations as its instruction mix; every stage up to reward is
+    the dpo pipeline's cache hit."""
     from flows.finetune import finetune
     from pipelines import tracking
     from pipelines.config import load_config
@@ -329,7 +330,8 @@ def test_ppo_with_demonstrations_reuses_the_stages_before_it(first, cfg_dir):
     def edit(d):
         d["preference"] = {"algorithm": "ppo", "min_reward_accuracy": 0.0}  # the tiny reward model is not gated
         d["ppo"] = {"max_steps": 2, "rollout_batch_size": 8, "mini_batch_size": 4, "batch_size": 4,
-                    "max_new_tokens": 8, "max_length": 64, "sft_loss_weight": 1.0, "peft": {"method": "lora", "r": 4}}
+                    "max_new_tokens": 8, "max_length": 64, "sft_loss_weight": 1.0, "sft_mix_coef": 1.0,
+                    "peft": {"method": "lora", "r": 4}}
 
     cfg = load_config(copy_config(TINY, cfg_dir, "tiny", edit))
     out = finetune(cfg)
@@ -337,5 +339,6 @@ def test_ppo_with_demonstrations_reuses_the_stages_before_it(first, cfg_dir):
     assert cache == {"sanitize": "hit", "dedup": "hit", "curriculum": "hit", "dapt": "hit", "sft": "hit",
                      "reward": "hit", "ppo": "miss", "evaluate": "miss", "export": "miss"}
     run = tracking.client().get_run(out["stages"]["ppo"]["run_id"])
-    assert math.isfinite(run.data.metrics["ppo/sft_loss"]) and run.data.metrics["ppo/sft_loss"] > 0
+    for term in ("ppo/sft_loss", "ppo/sft_mix_loss"):
+        assert math.isfinite(run.data.metrics[term]) and run.data.metrics[term] > 0, term
     assert "ppo" in out["evaluation"]

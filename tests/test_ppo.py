@@ -352,6 +352,44 @@ def test_pretraining_mix_keeps_corpus_text_that_no_rollout_asks_about(world, tmp
         P.train(_prompts(world), world["model"], world["reward"], _pcfg(ptx_coef=1.0, max_steps=1), 0, tmp_path / "c")
 
 
+def test_instruction_mix_keeps_the_sft_conversations(world, tmp_path):
+    """``sft_mix_coef``: one batch of sft conversations per optimiser step (loss on every assistant turn, none on
+    the user's) lowers the policy's NLL on them, which PPO alone leaves where it was; missing data is refused."""
+    from pipelines.chat import Renderer
+    from pipelines.config import TemplateConfig
+    from pipelines.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(world["model"])
+    convs = [{"messages": [{"role": "user", "content": _prompt(q)}, {"role": "assistant", "content": " never"},
+                           {"role": "user", "content": _prompt(QUESTIONS[(i + 1) % len(QUESTIONS)])},
+                           {"role": "assistant", "content": " not ever"}]} for i, q in enumerate(QUESTIONS)]
+    rows = P.conversations(Renderer.for_model(tok, TemplateConfig(**RAW)), convs, 128)
+    b = P.demonstration_batch(rows, [0], tok.pad_token_id, torch.device("cpu"))
+    trained = b["labels"][0][b["labels"][0] != -100].tolist()
+    for answer in (" never", " not ever"):  # both assistant turns are trained, no user token is
+        ids = tok(answer, add_special_tokens=False)["input_ids"]
+        assert any(trained[i: i + len(ids)] == ids for i in range(len(trained))), answer
+    assert len(trained) < int(b["attention_mask"].sum()) / 2
+    everything = P.demonstration_batch(rows, list(range(len(rows))), tok.pad_token_id, torch.device("cpu"))
+
+    def nll(model) -> float:
+        with torch.no_grad():
+            return float(model(**everything).loss)
+
+    pcfg = dict(max_steps=4, rollout_batch_size=16, mini_batch_size=8)
+    plain = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**pcfg), 0, tmp_path / "a")
+    mixed = P.train(_prompts(world), world["model"], world["reward"], _pcfg(sft_mix_coef=1.0, **pcfg), 0,
+                    tmp_path / "b", sft_demos=rows)
+    sft = nll(load_model(world["model"]))
+    assert nll(plain.policy) > sft - 0.5, (nll(plain.policy), sft)
+    assert nll(mixed.policy) < sft - 2.0, (nll(mixed.policy), sft)
+    assert mixed.history[-1]["sft_mix_loss"] < mixed.history[0]["sft_mix_loss"]
+    assert "sft_mix_loss" not in plain.history[-1]
+    with pytest.raises(ValueError, match="needs the sft conversations"):
+        P.train(_prompts(world), world["model"], world["reward"], _pcfg(sft_mix_coef=1.0, max_steps=1), 0,
+                tmp_path / "c")
+
+
 def test_cli_help():
     import subprocess
     import sys
