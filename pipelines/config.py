@@ -399,7 +399,18 @@ class PreferenceConfig(Strict):
     )
 
 
-class DPOStageConfig(TrainConfig):
+class AlignStageConfig(TrainConfig):
+    """What the preference stages (dpo, ppo, grpo) share."""
+
+    update_scale: float = Field(
+        1.0, gt=0, le=1,
+        description="Model averaging with the SFT model the stage starts from (Lin et al. 2024, 'Mitigating the "
+                    "Alignment Tax of RLHF'; WiSE-FT, Wortsman et al. 2022): the saved model is SFT + this x (trained "
+                    "- SFT), for LoRA the adapter's B scaled by it. Below 1 it gives back part of the update and keeps "
+                    "more of what SFT knew, at some of the preference gain. 1: the trained model as it is.")
+
+
+class DPOStageConfig(AlignStageConfig):
     peft: PeftConfig = PeftConfig(method="lora")
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "robust", "hinge", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
@@ -418,7 +429,7 @@ class DPOStageConfig(TrainConfig):
     epochs: float = Field(2.0, gt=0)
 
 
-class PPOStageConfig(TrainConfig):
+class PPOStageConfig(AlignStageConfig):
     peft: PeftConfig = PeftConfig(method="lora")
     learning_rate: float = Field(3e-4, gt=0)
     rollout_batch_size: int = Field(16, ge=1)
@@ -457,7 +468,7 @@ class PPOStageConfig(TrainConfig):
                                "sft data.")
 
 
-class GRPOStageConfig(TrainConfig):
+class GRPOStageConfig(AlignStageConfig):
     peft: PeftConfig = PeftConfig(method="lora")
     learning_rate: float = Field(3e-4, gt=0)
     num_generations: int = Field(4, ge=2)

@@ -105,7 +105,8 @@ def dpo(pairs: list[dict], model_dir: Path, dcfg: DPOStageConfig, seed: int, out
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     metrics = log_history_metrics(trainer)
     save_trained(trainer.model, tokenizer, out_dir / "model",
-                 {"stage": "dpo", "task": "causal_lm", "config": dcfg.model_dump(), "metrics": metrics})
+                 {"stage": "dpo", "task": "causal_lm", "config": dcfg.model_dump(), "metrics": metrics},
+                 dcfg.update_scale, model_dir)
     acc = metrics.get("rewards/accuracies", float("nan"))
     return StageOutput(primary="model", metrics=metrics,
                        summary=f"{metrics['global_step']:.0f} steps, implicit reward accuracy {acc:.3f}")

@@ -76,7 +76,8 @@ def grpo(prompts: list[str], model_dir: Path, reward_dir: Path, gcfg: GRPOStageC
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     metrics = log_history_metrics(trainer)
     save_trained(trainer.model, tokenizer, out_dir / "model",
-                 {"stage": "grpo", "task": "causal_lm", "config": gcfg.model_dump(mode="json"), "metrics": metrics})
+                 {"stage": "grpo", "task": "causal_lm", "config": gcfg.model_dump(mode="json"), "metrics": metrics},
+                 gcfg.update_scale, model_dir)
     history = [e for e in trainer.state.log_history if "reward" in e]
     write_jsonl(out_dir / "grpo_history.jsonl", history)
     summary = f"{metrics['global_step']:.0f} GRPO steps"

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -261,12 +261,16 @@ def reproducible(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if not k.endswith(_WALL_CLOCK)}
 
 
-def save_model(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Save weights (safetensors), tokenizer and manifest into ``out_dir`` atomically (temp dir, then rename)."""
+def save_model(model, tokenizer, out_dir: Path, manifest: dict[str, Any],
+               transform: Callable[[Path], None] | None = None) -> None:
+    """Save weights (safetensors), tokenizer and manifest into ``out_dir`` atomically (temp dir, then rename);
+    ``transform`` edits the saved weights in the temp dir first (e.g. :func:`pipelines.training.scale_update`)."""
     if isinstance(manifest.get("metrics"), dict):
         manifest = {**manifest, "metrics": reproducible(manifest["metrics"])}
     with atomic_dir(Path(out_dir)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if transform is not None:
+            transform(tmp)
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / MANIFEST, {**manifest, "versions": versions()})
         check_saved(tmp)

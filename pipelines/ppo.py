@@ -564,7 +564,8 @@ def ppo(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageCon
     res = train(prompts, model_dir, reward_dir, pcfg, seed, work_dir, spec, suffix, demos, corpus_rows, sft_demos)
     metrics = final_metrics(res.history)
     save_trained(res.policy, res.tokenizer, out_dir / "model",
-                 {"stage": "ppo", "task": "causal_lm", "config": pcfg.model_dump(mode="json"), "metrics": metrics})
+                 {"stage": "ppo", "task": "causal_lm", "config": pcfg.model_dump(mode="json"), "metrics": metrics},
+                 pcfg.update_scale, model_dir)
     write_jsonl(out_dir / "ppo_history.jsonl", res.history)
     if res.history:
         chart(res.history, out_dir / "ppo_curves.png")

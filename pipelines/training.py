@@ -243,9 +243,61 @@ def log_history_metrics(trainer) -> dict[str, float]:
     return out
 
 
-def save_trained(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Save a trained model: the adapter when it is a PEFT model (its base named by ``base_input``), else full."""
+def save_trained(model, tokenizer, out_dir: Path, manifest: dict[str, Any], update_scale: float = 1.0,
+                 start_dir: Path | None = None) -> None:
+    """Save a trained model: the adapter when it is a PEFT model (its base named by ``base_input``), else full.
+    ``update_scale`` < 1 saves ``start_dir`` + that x (trained - start) instead (:func:`scale_update`)."""
     from peft import PeftModel
 
     kind = "adapter" if isinstance(model, PeftModel) else "full"
-    save_model(model, tokenizer, out_dir, {**manifest, "kind": kind, **({"base_input": "model"} if kind == "adapter" else {})})
+    transform = None
+    if update_scale < 1:
+        if kind == "full" and start_dir is None:
+            raise ValueError("update_scale < 1 on full weights needs the model the stage started from")
+        transform = lambda tmp: scale_update(tmp, update_scale, start_dir)  # noqa: E731
+    save_model(model, tokenizer, out_dir, {**manifest, "kind": kind, **({"base_input": "model"} if kind == "adapter" else {})},
+               transform)
+
+
+def scale_update(saved: Path, s: float, start_dir: Path | None) -> None:
+    """Model averaging in place: the weights saved in ``saved`` become start + ``s`` x (trained - start).
+
+    An adapter (``adapter_model.safetensors``): every LoRA B matrix is scaled by ``s``, so the merged model is
+    W + s BA, exactly the average of the base it was trained on and the trained model. Full weights: every floating
+    tensor is interpolated with the tensor of the same name in ``start_dir``'s safetensors (same architecture)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def rewrite(f: Path, edit) -> None:
+        with safe_open(str(f), "pt") as st:
+            meta = st.metadata()
+            tensors = {k: edit(k, st.get_tensor(k)) for k in st.keys()}
+        tmp = f.with_name(f".{f.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, f)
+
+    adapter = saved / "adapter_model.safetensors"
+    if adapter.exists():
+        with safe_open(str(adapter), "pt") as st:
+            if not any("lora_B" in k for k in st.keys()):
+                raise ValueError(f"{adapter}: no LoRA B matrices to scale (update_scale needs a LoRA adapter)")
+        rewrite(adapter, lambda k, t: t * s if "lora_B" in k else t)
+        return
+    where: dict[str, Path] = {}
+    for f in sorted(Path(start_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            where.update(dict.fromkeys(st.keys(), f))
+    handles: dict[Path, Any] = {}
+
+    def average(k: str, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        if k not in where:
+            raise ValueError(f"update_scale: {start_dir} has no tensor {k}; the start and the trained model differ")
+        if where[k] not in handles:
+            handles[where[k]] = safe_open(str(where[k]), "pt")
+        w0 = handles[where[k]].get_tensor(k).to(torch.float32)
+        return (w0 + s * (t.to(torch.float32) - w0)).to(t.dtype)
+
+    for f in sorted(saved.glob("*.safetensors")):
+        rewrite(f, average)
