@@ -290,12 +290,28 @@ def test_ppo_full_finetuning_uses_a_frozen_copy(world, tmp_path):
     assert changed and math.isfinite(res.history[0]["kl"])
 
 
+def _term_effect(world, tmp_path, batch: dict[str, torch.Tensor], term: dict, **data):
+    """Loss on ``batch`` under SFT, under PPO alone and under PPO with the extra ``term`` (config keys) fed ``data``
+    (4 iterations each), and the two runs."""
+    from pipelines.modeling import load_model
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return float(model(**batch).loss)
+
+    pcfg = dict(max_steps=4, rollout_batch_size=16, mini_batch_size=8)
+    plain = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**pcfg), 0, tmp_path / "plain")
+    with_term = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**term, **pcfg), 0,
+                        tmp_path / "term", **data)
+    return loss(load_model(world["model"])), loss(plain.policy), loss(with_term.policy), plain, with_term
+
+
 def test_demonstration_term_teaches_an_answer_rollouts_do_not_favour(world, tmp_path):
     """``sft_loss_weight``: " never" is an answer SFT never gives, so rollouts never sample it and PPO alone cannot
     learn it; with the chosen answers of pairs that prefer it as demonstrations the policy does (labels: answer only)."""
     from pipelines.chat import Renderer
     from pipelines.config import TemplateConfig
-    from pipelines.modeling import load_model, load_tokenizer
+    from pipelines.modeling import load_tokenizer
 
     tok = load_tokenizer(world["model"])
     pairs = [{"prompt": [{"role": "user", "content": _prompt(q)}], "chosen": " never", "rejected": " yes"}
@@ -306,19 +322,11 @@ def test_demonstration_term_teaches_an_answer_rollouts_do_not_favour(world, tmp_
     assert b["labels"][0][b["labels"][0] != -100].tolist()[: len(answer)] == answer
     assert (b["labels"] != -100).sum() < b["attention_mask"].sum()  # prompts are not trained on
     everything = P.demonstration_batch(demos, list(range(len(demos))), tok.pad_token_id, torch.device("cpu"))
-
-    def nll(model) -> float:
-        with torch.no_grad():
-            return float(model(**everything).loss)
-
-    pcfg = dict(max_steps=4, rollout_batch_size=16, mini_batch_size=8)
-    plain = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**pcfg), 0, tmp_path / "a")
-    taught = P.train(_prompts(world), world["model"], world["reward"], _pcfg(sft_loss_weight=1.0, **pcfg), 0,
-                     tmp_path / "b", demos=demos)
-    sft = nll(load_model(world["model"]))
+    sft, alone, with_term, plain, taught = _term_effect(world, tmp_path, everything, {"sft_loss_weight": 1.0},
+                                                        demos=demos)
     # measured: SFT 9.6 nats per token, PPO alone 11.0, with the term 3.4 (on 2 CPU threads)
-    assert nll(plain.policy) > sft - 0.5, (nll(plain.policy), sft)
-    assert nll(taught.policy) < sft - 3.0, (nll(taught.policy), sft)
+    assert alone > sft - 0.5, (alone, sft)
+    assert with_term < sft - 3.0, (with_term, sft)
     losses = [h["sft_loss"] for h in taught.history]
     assert losses[-1] < losses[0] and "sft_loss" not in plain.history[-1]
     assert P.final_metrics(taught.history)["ppo/sft_loss"] == pytest.approx(losses[-1])
@@ -330,23 +338,15 @@ def test_demonstration_term_teaches_an_answer_rollouts_do_not_favour(world, tmp_
 def test_pretraining_mix_keeps_corpus_text_that_no_rollout_asks_about(world, tmp_path):
     """``ptx_coef`` (PPO-ptx): one packed corpus batch per optimiser step lowers the policy's loss on that corpus,
     which PPO alone leaves where it was; a missing corpus is refused."""
-    from pipelines.modeling import load_model, load_tokenizer, pack_documents
+    from pipelines.modeling import load_tokenizer, pack_documents
 
     rows = pack_documents(load_tokenizer(world["model"]), [f"The {q[7:-1]} is never sold." for q in QUESTIONS], 64)
     everything = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels", "position_ids")}
-
-    def lm_loss(model) -> float:
-        with torch.no_grad():
-            return float(model(**everything).loss)
-
-    pcfg = dict(max_steps=4, rollout_batch_size=16, mini_batch_size=8)
-    plain = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**pcfg), 0, tmp_path / "a")
-    mixed = P.train(_prompts(world), world["model"], world["reward"], _pcfg(ptx_coef=1.0, **pcfg), 0, tmp_path / "b",
-                    corpus_rows=rows)
-    sft = lm_loss(load_model(world["model"]))
+    sft, alone, with_term, plain, mixed = _term_effect(world, tmp_path, everything, {"ptx_coef": 1.0},
+                                                       corpus_rows=rows)
     # measured: SFT 6.1 nats per token, PPO alone 5.8, with the mix 3.0
-    assert lm_loss(plain.policy) > sft - 1.0, (lm_loss(plain.policy), sft)
-    assert lm_loss(mixed.policy) < sft - 2.0, (lm_loss(mixed.policy), sft)
+    assert alone > sft - 1.0, (alone, sft)
+    assert with_term < sft - 2.0, (with_term, sft)
     assert mixed.history[-1]["ptx_loss"] < mixed.history[0]["ptx_loss"] and "ptx_loss" not in plain.history[-1]
     with pytest.raises(ValueError, match="needs the corpus"):
         P.train(_prompts(world), world["model"], world["reward"], _pcfg(ptx_coef=1.0, max_steps=1), 0, tmp_path / "c")
@@ -357,7 +357,7 @@ def test_instruction_mix_keeps_the_sft_conversations(world, tmp_path):
     the user's) lowers the policy's NLL on them, which PPO alone leaves where it was; missing data is refused."""
     from pipelines.chat import Renderer
     from pipelines.config import TemplateConfig
-    from pipelines.modeling import load_model, load_tokenizer
+    from pipelines.modeling import load_tokenizer
 
     tok = load_tokenizer(world["model"])
     convs = [{"messages": [{"role": "user", "content": _prompt(q)}, {"role": "assistant", "content": " never"},
@@ -371,18 +371,10 @@ def test_instruction_mix_keeps_the_sft_conversations(world, tmp_path):
         assert any(trained[i: i + len(ids)] == ids for i in range(len(trained))), answer
     assert len(trained) < int(b["attention_mask"].sum()) / 2
     everything = P.demonstration_batch(rows, list(range(len(rows))), tok.pad_token_id, torch.device("cpu"))
-
-    def nll(model) -> float:
-        with torch.no_grad():
-            return float(model(**everything).loss)
-
-    pcfg = dict(max_steps=4, rollout_batch_size=16, mini_batch_size=8)
-    plain = P.train(_prompts(world), world["model"], world["reward"], _pcfg(**pcfg), 0, tmp_path / "a")
-    mixed = P.train(_prompts(world), world["model"], world["reward"], _pcfg(sft_mix_coef=1.0, **pcfg), 0,
-                    tmp_path / "b", sft_demos=rows)
-    sft = nll(load_model(world["model"]))
-    assert nll(plain.policy) > sft - 0.5, (nll(plain.policy), sft)
-    assert nll(mixed.policy) < sft - 2.0, (nll(mixed.policy), sft)
+    sft, alone, with_term, plain, mixed = _term_effect(world, tmp_path, everything, {"sft_mix_coef": 1.0},
+                                                       sft_demos=rows)
+    assert alone > sft - 0.5, (alone, sft)
+    assert with_term < sft - 2.0, (with_term, sft)
     assert mixed.history[-1]["sft_mix_loss"] < mixed.history[0]["sft_mix_loss"]
     assert "sft_mix_loss" not in plain.history[-1]
     with pytest.raises(ValueError, match="needs the sft conversations"):
