@@ -316,6 +316,16 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
     kw = {"dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code}
     seed_everything(seed)
     tokenizer = load_tokenizer(model_dir, spec.trust_remote_code)
+
+    def demo_batch(rows: list[Demo]):
+        return lambda idx: demonstration_batch(rows, idx, tokenizer.pad_token_id, device)
+
+    # the extra losses, one batch of each per optimiser step: (history key, weight, rows, sampling salt, batch of rows)
+    terms = [t for t in (("sft_loss", pcfg.sft_loss_weight, demos, "ppo-demo", demo_batch(demos)),
+                         ("ptx_loss", pcfg.ptx_coef, corpus_rows, "ppo-ptx",
+                          lambda idx: {k: v[idx].to(device) for k, v in ptx.items()}),
+                         ("sft_mix_loss", pcfg.sft_mix_coef, sft_demos, "ppo-sft", demo_batch(sft_demos)))
+             if t[1] > 0]
     policy = load_model(model_dir, **kw)
     peft_cfg = lora_config(pcfg.peft)
     ref_model = None
@@ -385,9 +395,7 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
             advantages = whiten(advantages, mask)
             explained_var = 1.0 - masked_var(returns - old_values, mask) / masked_var(returns, mask).clamp(min=1e-8)
         # 4. PPO epochs over shuffled mini-batches (micro-batches of batch_size accumulate into one step)
-        acc = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": [],
-               **({"sft_loss": []} if pcfg.sft_loss_weight > 0 else {}), **({"ptx_loss": []} if ptx else {}),
-               **({"sft_mix_loss": []} if pcfg.sft_mix_coef > 0 else {})}
+        acc = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": [], **{t[0]: [] for t in terms}}
         steps_per_iteration = pcfg.ppo_epochs * math.ceil(n / pcfg.mini_batch_size)
         step = it * steps_per_iteration
         for _ in range(pcfg.ppo_epochs):
@@ -409,23 +417,11 @@ def train(prompts: list[str], model_dir: Path, reward_dir: Path, pcfg: PPOStageC
                     acc["policy_loss"].append(float(pg.detach()))
                     acc["value_loss"].append(float(vf.detach()))
                     acc["clipfrac"].append(float(clipfrac))
-                if pcfg.sft_loss_weight > 0:  # the demonstration term: one batch per optimiser step
-                    idx = prompts_for(step, len(demos), min(pcfg.batch_size, len(demos)), seed, "ppo-demo")
-                    nll = policy(**demonstration_batch(demos, idx, tokenizer.pad_token_id, device),
-                                 use_cache=False).loss
-                    (pcfg.sft_loss_weight * nll).backward()
-                    acc["sft_loss"].append(float(nll.detach()))
-                if ptx is not None:  # the pretraining mix: one packed corpus batch per optimiser step
-                    idx = prompts_for(step, len(corpus_rows), min(pcfg.batch_size, len(corpus_rows)), seed, "ppo-ptx")
-                    lm = policy(**{k: v[idx].to(device) for k, v in ptx.items()}, use_cache=False).loss
-                    (pcfg.ptx_coef * lm).backward()
-                    acc["ptx_loss"].append(float(lm.detach()))
-                if pcfg.sft_mix_coef > 0:  # the instruction mix: one batch of sft conversations per optimiser step
-                    idx = prompts_for(step, len(sft_demos), min(pcfg.batch_size, len(sft_demos)), seed, "ppo-sft")
-                    nll = policy(**demonstration_batch(sft_demos, idx, tokenizer.pad_token_id, device),
-                                 use_cache=False).loss
-                    (pcfg.sft_mix_coef * nll).backward()
-                    acc["sft_mix_loss"].append(float(nll.detach()))
+                for key, weight, rows, salt, batch in terms:  # demonstrations, corpus, sft conversations
+                    idx = prompts_for(step, len(rows), min(pcfg.batch_size, len(rows)), seed, salt)
+                    loss = policy(**batch(idx), use_cache=False).loss
+                    (weight * loss).backward()
+                    acc[key].append(float(loss.detach()))
                 step += 1
                 torch.nn.utils.clip_grad_norm_(pol_params + val_params, pcfg.max_grad_norm)
                 opt.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -283,21 +284,19 @@ def scale_update(saved: Path, s: float, start_dir: Path | None) -> None:
                 raise ValueError(f"{adapter}: no LoRA B matrices to scale (update_scale needs a LoRA adapter)")
         rewrite(adapter, lambda k, t: t * s if "lora_B" in k else t)
         return
-    where: dict[str, Path] = {}
-    for f in sorted(Path(start_dir).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            where.update(dict.fromkeys(st.keys(), f))
-    handles: dict[Path, Any] = {}
+    with ExitStack() as stack:
+        start: dict[str, Any] = {}  # tensor name -> the open start shard that holds it
+        for f in sorted(Path(start_dir).glob("*.safetensors")):
+            st = stack.enter_context(safe_open(str(f), "pt"))
+            start.update(dict.fromkeys(st.keys(), st))
 
-    def average(k: str, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
-            return t
-        if k not in where:
-            raise ValueError(f"update_scale: {start_dir} has no tensor {k}; the start and the trained model differ")
-        if where[k] not in handles:
-            handles[where[k]] = safe_open(str(where[k]), "pt")
-        w0 = handles[where[k]].get_tensor(k).to(torch.float32)
-        return (w0 + s * (t.to(torch.float32) - w0)).to(t.dtype)
+        def average(k: str, t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t
+            if k not in start:
+                raise ValueError(f"update_scale: {start_dir} has no tensor {k}; the start and the trained model differ")
+            w0 = start[k].get_tensor(k).to(torch.float32)
+            return (w0 + s * (t.to(torch.float32) - w0)).to(t.dtype)
 
-    for f in sorted(saved.glob("*.safetensors")):
-        rewrite(f, average)
+        for f in sorted(saved.glob("*.safetensors")):
+            rewrite(f, average)
